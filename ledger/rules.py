@@ -1,0 +1,265 @@
+"""The transition rules of the workflow contract (semantics version 2).
+
+Pure functions over plain values: no SQL, no Redis, no clock reads, no randomness of
+their own. Every path that changes a step's state — `complete_step`, the engine's
+consumers, the reconciler — asks these functions what to do, so each rule lives in
+exactly one place.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+#: The contract version every workflow row carries.
+SEMANTICS_VERSION = 2
+
+
+class StepState(enum.StrEnum):
+    #: Waiting on dependencies (or, later, a signal).
+    PENDING = "pending"
+    #: Released and runnable; waiting for a worker to claim it.
+    AVAILABLE = "available"
+    #: Claimed by a worker, which holds a lease on it.
+    EXECUTING = "executing"
+    #: An attempt failed and another is scheduled; descendants stay pending.
+    RETRYABLE = "retryable"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_STATES: frozenset[StepState] = frozenset(
+    {StepState.COMPLETED, StepState.FAILED, StepState.CANCELLED}
+)
+UNFINISHED_STATES: frozenset[StepState] = frozenset(StepState) - TERMINAL_STATES
+
+
+class EdgePolicy(enum.StrEnum):
+    #: A terminal failure or cancellation of the parent cancels the child (the default).
+    CANCEL = "cancel"
+    #: The parent finishing in any terminal state satisfies the child.
+    CONTINUE = "continue"
+
+
+class CompletionStatus(enum.StrEnum):
+    """What a caller may report for a step."""
+
+    COMPLETED = "completed"
+    RETRYABLE = "retryable"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class Classification(enum.StrEnum):
+    """How an incoming event was classified. Everything but APPLIED is kept as evidence."""
+
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"
+    LATE = "late"
+    AMBIGUOUS = "ambiguous"
+    #: Not recorded at all: the caller made a mistake and gets an error.
+    REJECTED = "rejected"
+
+
+WorkflowOutcome = Literal["completed", "failed", "cancelled"]
+
+
+def state_for_status(status: CompletionStatus) -> StepState:
+    return StepState(status.value)
+
+
+# -- releases and cascades -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DependencyView:
+    """One dependency of a step as the rules see it."""
+
+    step: str
+    state: StepState
+    policy: EdgePolicy
+
+
+def dependency_satisfied(state: StepState, policy: EdgePolicy) -> bool:
+    """A dependency is satisfied when it completed, or ended at all through a continue edge."""
+    if state is StepState.COMPLETED:
+        return True
+    return policy is EdgePolicy.CONTINUE and state in TERMINAL_STATES
+
+
+def dependency_cancels(state: StepState, policy: EdgePolicy) -> bool:
+    """A dependency that ended without completing, through a cancel edge, cancels its child."""
+    return policy is EdgePolicy.CANCEL and state in (StepState.FAILED, StepState.CANCELLED)
+
+
+@dataclass(frozen=True, slots=True)
+class ChildDecision:
+    kind: Literal["release", "cancel", "wait"]
+    #: For "cancel": the dependency whose terminal state caused it.
+    cause: str | None = None
+
+
+def decide_child(deps: Sequence[DependencyView]) -> ChildDecision:
+    """What a pending step becomes, given its dependencies' states and edge policies."""
+    for dep in deps:
+        if dependency_cancels(dep.state, dep.policy):
+            return ChildDecision("cancel", cause=dep.step)
+    if all(dependency_satisfied(d.state, d.policy) for d in deps):
+        return ChildDecision("release")
+    return ChildDecision("wait")
+
+
+# -- classifying an incoming outcome -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StepSnapshot:
+    state: StepState
+    #: The number of the latest attempt started or recorded (0: never attempted).
+    attempt: int
+    max_attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedAttempt:
+    attempt: int
+    status: CompletionStatus
+    payload: Any
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionDecision:
+    classification: Classification
+    #: The status to record when APPLIED (a retryable on the last attempt becomes failed).
+    status: CompletionStatus
+    #: The attempt number the outcome is recorded under when APPLIED.
+    record_attempt: int
+    #: Why, in a closed vocabulary: attempts_exhausted, dependencies_not_satisfied,
+    #: attempt_not_started, stale_attempt, step_cancelled, conflicts_with_recorded_outcome.
+    reason: str | None = None
+
+
+def json_equal(a: Any, b: Any) -> bool:
+    """Equality as JSON sees it: key order is irrelevant and 1 == 1.0."""
+    return _canonical(a) == _canonical(b)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(_integral_floats_to_int(value), sort_keys=True, separators=(",", ":"))
+
+
+def _integral_floats_to_int(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral_floats_to_int(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_integral_floats_to_int(v) for v in value]
+    return value
+
+
+def _same(record: RecordedAttempt | None, status: CompletionStatus, payload: Any) -> bool:
+    return record is not None and record.status is status and json_equal(record.payload, payload)
+
+
+def classify_completion(
+    step: StepSnapshot,
+    history: Mapping[int, RecordedAttempt],
+    status: CompletionStatus,
+    payload: Any,
+    attempt: int | None = None,
+) -> CompletionDecision:
+    """Decide what an outcome reported for `step` does.
+
+    `history` maps attempt numbers to what was recorded for them. `attempt` is given by
+    the engine (the attempt its worker ran) and omitted by people calling the API, in
+    which case an unclaimed step's outcome counts as its next attempt.
+    """
+
+    def verdict(c: Classification, reason: str | None = None) -> CompletionDecision:
+        return CompletionDecision(c, status, attempt or step.attempt, reason)
+
+    latest = history.get(step.attempt)
+
+    # An outcome for an attempt that is not the live one: a replay of what was recorded,
+    # or the word of a worker whose lease was revoked (the step is no longer executing).
+    if attempt is not None:
+        if attempt > step.attempt:
+            return verdict(Classification.REJECTED, "attempt_not_started")
+        live = step.state is StepState.EXECUTING or step.state in TERMINAL_STATES
+        if attempt < step.attempt or not live:
+            if _same(history.get(attempt), status, payload):
+                return verdict(Classification.DUPLICATE)
+            return verdict(Classification.LATE, "stale_attempt")
+
+    if step.state in TERMINAL_STATES:
+        if step.state is StepState.CANCELLED:
+            if status is CompletionStatus.CANCELLED:
+                return verdict(Classification.DUPLICATE)
+            return verdict(Classification.LATE, "step_cancelled")
+        if _same(latest, status, payload):
+            return verdict(Classification.DUPLICATE)
+        return verdict(Classification.AMBIGUOUS, "conflicts_with_recorded_outcome")
+
+    if step.state is StepState.PENDING and status is not CompletionStatus.CANCELLED:
+        return verdict(Classification.REJECTED, "dependencies_not_satisfied")
+
+    if (
+        step.state is StepState.RETRYABLE
+        and status is CompletionStatus.RETRYABLE
+        and _same(latest, status, payload)
+    ):
+        return verdict(Classification.DUPLICATE)
+
+    record_attempt = step.attempt if step.state is StepState.EXECUTING else step.attempt + 1
+    if status is CompletionStatus.RETRYABLE and record_attempt >= step.max_attempts:
+        return CompletionDecision(
+            Classification.APPLIED, CompletionStatus.FAILED, record_attempt, "attempts_exhausted"
+        )
+    return CompletionDecision(Classification.APPLIED, status, record_attempt)
+
+
+# -- the workflow as a whole -----------------------------------------------------------------
+
+
+def workflow_outcome(
+    counts: Mapping[StepState, int], cancel_requested: bool = False
+) -> WorkflowOutcome | None:
+    """The final outcome once every step is terminal, else None."""
+    if any(counts.get(s, 0) for s in UNFINISHED_STATES):
+        return None
+    if cancel_requested:
+        return "cancelled"
+    others = sum(n for s, n in counts.items() if s is not StepState.COMPLETED)
+    return "completed" if others == 0 else "failed"
+
+
+def count_states(states: Iterable[StepState]) -> dict[StepState, int]:
+    counts = dict.fromkeys(StepState, 0)
+    for s in states:
+        counts[s] += 1
+    return counts
+
+
+# -- retries -------------------------------------------------------------------------------------
+
+
+def retry_delay_seconds(
+    attempt: int,
+    *,
+    base: float = 1.0,
+    cap: float = 300.0,
+    jitter: float = 0.2,
+    unit_random: float = 0.5,
+) -> float:
+    """Exponential backoff for the retry after `attempt` failed, with proportional jitter.
+
+    `unit_random` is a number in [0, 1) supplied by the caller, so this stays pure; 0.5
+    means no jitter at all.
+    """
+    raw = min(cap, base * (2 ** max(0, attempt - 1)))
+    return raw * (1.0 + jitter * (2.0 * unit_random - 1.0))
