@@ -1,0 +1,38 @@
+"""Streamflow: durable DAG workflows on a PostgreSQL ledger."""
+
+from ledger.model import CompletionResult, Counters, StepRecord, WorkflowRecord
+from ledger.rules import SEMANTICS_VERSION
+from streamflow.builder import Dep, PersistedWorkflow, ResultRef, StepSpec, Workflow
+from streamflow.errors import (
+    InvalidCompletionError,
+    SchemaNotReadyError,
+    StepNotFoundError,
+    ValidationIssue,
+    WorkflowNotFoundError,
+    WorkflowValidationError,
+)
+from streamflow.explain import Explain, StepExplanation
+from streamflow.worker import JobSpec, Worker
+
+__all__ = [
+    "SEMANTICS_VERSION",
+    "CompletionResult",
+    "Counters",
+    "Dep",
+    "Explain",
+    "InvalidCompletionError",
+    "JobSpec",
+    "PersistedWorkflow",
+    "ResultRef",
+    "SchemaNotReadyError",
+    "StepExplanation",
+    "StepNotFoundError",
+    "StepRecord",
+    "StepSpec",
+    "ValidationIssue",
+    "Worker",
+    "Workflow",
+    "WorkflowNotFoundError",
+    "WorkflowRecord",
+    "WorkflowValidationError",
+]

@@ -1,0 +1,113 @@
+"""Engines and transactions for the ledger.
+
+Every ledger operation takes a `repo`: a SQLAlchemy Engine (the operation runs in its
+own transaction and commits) or a Connection (the operation joins the caller's
+transaction and the caller commits — so an application can create a workflow atomically
+with its own rows).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from ledger import tables as t
+from ledger.errors import WorkflowNotFoundError
+
+Repo = Engine | Connection
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """An Engine configured for the ledger.
+
+    PostgreSQL URLs without a driver use psycopg 3. SQLite gets WAL, a busy timeout, and
+    `BEGIN IMMEDIATE` transactions, so two writers queue for the lock instead of failing
+    when one upgrades a read to a write.
+    """
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_engine(parsed, **kwargs)
+        _configure_sqlite(engine)
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_engine(parsed, **kwargs)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    # The recipe from SQLAlchemy's pysqlite docs: take transaction control away from the
+    # driver so BEGIN (and SAVEPOINT) mean what they say.
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_conn: sqlite3.Connection, _record: ConnectionPoolEntry) -> None:
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@contextmanager
+def transaction(repo: Repo) -> Iterator[Connection]:
+    """A transaction on `repo`: our own on an Engine, the caller's on a Connection.
+
+    On a Connection the operation's writes sit inside a SAVEPOINT where the backend
+    supports one cleanly, so a failure part-way leaves the caller's transaction as it was.
+    """
+    if isinstance(repo, Engine):
+        with repo.begin() as conn:
+            yield conn
+        return
+    if repo.dialect.name == "sqlite" and not _sqlite_savepoints_safe(repo):
+        yield repo
+        return
+    with repo.begin_nested():
+        yield repo
+
+
+def _sqlite_savepoints_safe(conn: Connection) -> bool:
+    raw = conn.connection.dbapi_connection
+    return isinstance(raw, sqlite3.Connection) and raw.isolation_level is None
+
+
+@contextmanager
+def read(repo: Repo) -> Iterator[Connection]:
+    """A connection for reads: a short transaction on an Engine, the caller's Connection as is."""
+    if isinstance(repo, Engine):
+        with repo.connect() as conn:
+            yield conn
+        return
+    yield repo
+
+
+def lock_workflow(conn: Connection, workflow_id: str) -> dict[str, Any]:
+    """Lock the workflow row for the rest of the transaction and return it.
+
+    Every transition of a workflow's steps takes this lock first, so transitions of one
+    workflow are serialised: under READ COMMITTED each later statement sees what the
+    previous holder committed. That is what makes a fan-in release exactly once when
+    two parents finish at the same moment. On SQLite the whole database is locked by
+    the first write, so the lock is a no-op update taken before any read.
+    """
+    w = t.workflows
+    if conn.dialect.name == "sqlite":
+        conn.execute(update(w).where(w.c.id == workflow_id).values(id=w.c.id))
+        row = conn.execute(select(w).where(w.c.id == workflow_id)).mappings().first()
+    else:
+        row = conn.execute(
+            select(w).where(w.c.id == workflow_id).with_for_update()
+        ).mappings().first()
+    if row is None:
+        raise WorkflowNotFoundError(workflow_id)
+    return dict(row)

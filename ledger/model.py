@@ -1,0 +1,116 @@
+"""Values that cross the ledger's boundary: definitions going in, records coming out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from ledger.rules import Classification, EdgePolicy, StepState
+
+
+@dataclass(frozen=True, slots=True)
+class StepDefinition:
+    """One step to insert. `args` is plain JSON with placeholders already encoded."""
+
+    name: str
+    worker: str
+    queue: str
+    args: dict[str, Any]
+    max_attempts: int
+    priority: int
+    deps: tuple[tuple[str, EdgePolicy], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowDefinition:
+    name: str
+    context: dict[str, Any]
+    steps: tuple[StepDefinition, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    pending: int = 0
+    #: `available` steps: released and waiting for a worker.
+    runnable: int = 0
+    executing: int = 0
+    retryable: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+
+    @property
+    def total(self) -> int:
+        return (self.pending + self.runnable + self.executing + self.retryable
+                + self.completed + self.failed + self.cancelled)
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "pending": self.pending, "runnable": self.runnable, "executing": self.executing,
+            "retryable": self.retryable, "completed": self.completed, "failed": self.failed,
+            "cancelled": self.cancelled,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    name: str
+    state: StepState
+    attempt: int
+    max_attempts: int
+    worker: str
+    queue: str
+    priority: int
+    args: dict[str, Any]
+    needs_review: bool
+    terminal_cause: str | None
+    cancelled_by_step: str | None
+    cancel_root_step: str | None
+    scheduled_at: datetime | None
+    finished_at: datetime | None
+    deps: tuple[tuple[str, EdgePolicy], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowRecord:
+    id: str
+    name: str
+    #: running | finished
+    state: str
+    #: None while running; completed | failed | cancelled once finished.
+    outcome: str | None
+    semantics_version: int
+    context: dict[str, Any]
+    counters: Counters
+    needs_review: bool
+    created_at: datetime
+    finished_at: datetime | None
+    steps: dict[str, StepRecord] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.state == "finished"
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionResult:
+    """What one `complete_step` call did."""
+
+    workflow_id: str
+    step: str
+    classification: Classification
+    #: The status recorded (a retryable on the last attempt is recorded as failed).
+    status: str
+    attempt: int
+    #: Steps this call released into `available`, in release order.
+    released: tuple[str, ...] = ()
+    #: Steps this call cancelled through cancel edges.
+    cancelled: tuple[str, ...] = ()
+    #: The workflow's outcome if this call finished it.
+    workflow_outcome: str | None = None
+    reason: str | None = None
+
+    @property
+    def applied(self) -> bool:
+        return self.classification is Classification.APPLIED

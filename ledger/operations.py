@@ -1,0 +1,55 @@
+"""The ledger's transactional operations on a `repo` (an Engine or the caller's Connection).
+
+Thin on purpose: each opens the right transaction and calls the module that does the
+work. `streamflow` calls these; they never call back into `streamflow`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from ledger.db import Repo, read, transaction
+from ledger.explain import StepExplanation, explain_step
+from ledger.insert import insert_workflow
+from ledger.model import CompletionResult, WorkflowDefinition, WorkflowRecord
+from ledger.reads import get_results, get_workflow
+from ledger.rules import CompletionStatus
+from ledger.transitions import complete_step
+
+
+def insert(repo: Repo, definition: WorkflowDefinition, now: datetime | None = None) -> str:
+    with transaction(repo) as conn:
+        return insert_workflow(conn, definition, now)
+
+
+def complete(
+    repo: Repo,
+    workflow_id: str,
+    step: str,
+    status: str | CompletionStatus,
+    payload: Any = None,
+    *,
+    attempt: int | None = None,
+    source: str = "api",
+    now: datetime | None = None,
+    retry_at: datetime | None = None,
+) -> CompletionResult:
+    with transaction(repo) as conn:
+        return complete_step(conn, workflow_id, step, status, payload, attempt=attempt,
+                             source=source, now=now, retry_at=retry_at)
+
+
+def get(repo: Repo, workflow_id: str) -> WorkflowRecord:
+    with read(repo) as conn:
+        return get_workflow(conn, workflow_id)
+
+
+def results(repo: Repo, workflow_id: str) -> dict[str, Any]:
+    with read(repo) as conn:
+        return get_results(conn, workflow_id)
+
+
+def explain(repo: Repo, workflow_id: str, step: str) -> StepExplanation:
+    with read(repo) as conn:
+        return explain_step(conn, workflow_id, step)

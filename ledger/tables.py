@@ -1,0 +1,266 @@
+"""The ledger's tables (SQLAlchemy Core). Alembic migrations create them.
+
+Every table that grows with the number of workflows is keyed by `workflow_id` first, so
+hot queries are served by a primary-key prefix and the tables can later be partitioned
+by workflow id. Facts that must hold at most once are unique keys, not locks: one
+stored result per step, one attempt row per attempt number.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+#: JSONB on PostgreSQL (compact, comparable), JSON text elsewhere.
+JSONValue = JSON().with_variant(JSONB(), "postgresql")
+#: Auto-increment ids: BIGINT on PostgreSQL, INTEGER (the rowid alias) on SQLite.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+STEP_NAME = 200
+WORKFLOW_ID = 32
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that is always timezone-aware UTC in Python, whatever the backend keeps."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the ledger; use an aware UTC datetime")
+        value = value.astimezone(UTC)
+        # SQLite keeps text without an offset; store UTC wall time there.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _counter(name: str) -> Column[int]:
+    return Column(name, Integer, nullable=False, server_default=text("0"))
+
+
+STEP_STATES = "'pending','available','executing','retryable','completed','failed','cancelled'"
+
+workflows = Table(
+    "streamflow_workflows",
+    metadata,
+    Column("id", String(WORKFLOW_ID), primary_key=True),
+    Column("name", String(200), nullable=False),
+    #: running | finished
+    Column("state", String(16), nullable=False),
+    #: None until finished, then completed | failed | cancelled
+    Column("outcome", String(16)),
+    Column("semantics_version", SmallInteger, nullable=False),
+    Column("context", JSONValue, nullable=False),
+    Column("step_count", Integer, nullable=False),
+    _counter("pending_count"),
+    _counter("available_count"),
+    _counter("executing_count"),
+    _counter("retryable_count"),
+    _counter("completed_count"),
+    _counter("failed_count"),
+    _counter("cancelled_count"),
+    #: Set when any step recorded an ambiguous outcome.
+    Column("needs_review", Boolean, nullable=False, server_default=text("false")),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime),
+    CheckConstraint("state IN ('running','finished')", name="state"),
+    CheckConstraint(
+        "outcome IS NULL OR outcome IN ('completed','failed','cancelled')", name="outcome"
+    ),
+    Index(None, "state", "created_at"),
+    Index(None, "name", "created_at"),
+)
+
+steps = Table(
+    "streamflow_steps",
+    metadata,
+    Column("workflow_id", String(WORKFLOW_ID), primary_key=True),
+    Column("name", String(STEP_NAME), primary_key=True),
+    #: Order of `add` calls, for stable display.
+    Column("position", Integer, nullable=False),
+    #: Import path of the Worker class, "package.module:ClassName".
+    Column("worker", String(300), nullable=False),
+    Column("queue", String(100), nullable=False),
+    Column("args", JSONValue, nullable=False),
+    Column("max_attempts", Integer, nullable=False),
+    Column("priority", Integer, nullable=False, server_default=text("0")),
+    Column("state", String(16), nullable=False),
+    #: Number of the latest attempt started or recorded (0: never attempted).
+    Column("attempt", Integer, nullable=False, server_default=text("0")),
+    Column("needs_review", Boolean, nullable=False, server_default=text("false")),
+    #: Why a terminal step ended: completed, failed, attempts_exhausted, cancelled,
+    #: cancelled_by_dependency.
+    Column("terminal_cause", String(40)),
+    #: For cancelled_by_dependency: the dependency whose cancel edge cancelled this step,
+    #: and the step whose failure started the cascade.
+    Column("cancelled_by_step", String(STEP_NAME)),
+    Column("cancel_root_step", String(STEP_NAME)),
+    Column("available_at", UTCDateTime),
+    #: For retryable steps: when the next attempt is due.
+    Column("scheduled_at", UTCDateTime),
+    Column("lease_owner", String(200)),
+    Column("lease_expires_at", UTCDateTime),
+    Column("dispatched_at", UTCDateTime),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime),
+    ForeignKeyConstraint(["workflow_id"], [workflows.c.id], ondelete="CASCADE"),
+    CheckConstraint(f"state IN ({STEP_STATES})", name="state"),
+    CheckConstraint("max_attempts >= 1", name="max_attempts"),
+)
+
+edges = Table(
+    "streamflow_edges",
+    metadata,
+    Column("workflow_id", String(WORKFLOW_ID), primary_key=True),
+    Column("child", String(STEP_NAME), primary_key=True),
+    Column("parent", String(STEP_NAME), primary_key=True),
+    Column("policy", String(16), nullable=False),
+    ForeignKeyConstraint(
+        ["workflow_id", "child"], [steps.c.workflow_id, steps.c.name], ondelete="CASCADE"
+    ),
+    ForeignKeyConstraint(
+        ["workflow_id", "parent"], [steps.c.workflow_id, steps.c.name], ondelete="CASCADE"
+    ),
+    CheckConstraint("policy IN ('cancel','continue')", name="policy"),
+    CheckConstraint("child <> parent", name="no_self_loop"),
+    #: Children of a step: the release path's lookup.
+    Index(None, "workflow_id", "parent"),
+)
+
+results = Table(
+    "streamflow_results",
+    metadata,
+    # One stored result per step: the primary key makes a second one impossible.
+    Column("workflow_id", String(WORKFLOW_ID), primary_key=True),
+    Column("step", String(STEP_NAME), primary_key=True),
+    Column("attempt", Integer, nullable=False),
+    Column("payload", JSONValue),
+    Column("recorded_at", UTCDateTime, nullable=False),
+    ForeignKeyConstraint(
+        ["workflow_id", "step"], [steps.c.workflow_id, steps.c.name], ondelete="CASCADE"
+    ),
+)
+
+attempts = Table(
+    "streamflow_attempts",
+    metadata,
+    # Every recorded outcome, kept as history: one row per attempt number.
+    Column("workflow_id", String(WORKFLOW_ID), primary_key=True),
+    Column("step", String(STEP_NAME), primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("payload", JSONValue),
+    #: attempts_exhausted when a retryable outcome was recorded as failed.
+    Column("reason", String(40)),
+    Column("source", String(40), nullable=False),
+    Column("recorded_at", UTCDateTime, nullable=False),
+    ForeignKeyConstraint(
+        ["workflow_id", "step"], [steps.c.workflow_id, steps.c.name], ondelete="CASCADE"
+    ),
+    CheckConstraint(
+        "status IN ('completed','retryable','failed','cancelled')", name="status"
+    ),
+)
+
+evidence = Table(
+    "streamflow_evidence",
+    metadata,
+    # Every incoming event that did not simply apply: duplicates, late and ambiguous
+    # outcomes, and (later issues) signals and stream deliveries. No foreign key: an
+    # event may name a workflow that does not exist, and that is evidence too.
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("workflow_id", String(WORKFLOW_ID), nullable=False),
+    Column("step", String(STEP_NAME)),
+    #: completion | signal | delivery
+    Column("kind", String(20), nullable=False),
+    #: duplicate | late | ambiguous | consumed | recorded | unmatched | replayed | dropped
+    Column("classification", String(20), nullable=False),
+    #: Who reported it: api, worker, consumer, reconciler, cli
+    Column("source", String(40), nullable=False),
+    Column("status", String(16)),
+    Column("attempt", Integer),
+    Column("payload", JSONValue),
+    Column("reason", String(60)),
+    Column("dedupe_key", String(200)),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index(None, "workflow_id", "id"),
+)
+
+cancel_requests = Table(
+    "streamflow_cancel_requests",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("workflow_id", String(WORKFLOW_ID), nullable=False),
+    Column("reason", Text),
+    Column("requested_by", String(200)),
+    Column("created_at", UTCDateTime, nullable=False),
+    ForeignKeyConstraint(["workflow_id"], [workflows.c.id], ondelete="CASCADE"),
+    Index(None, "workflow_id", "id"),
+)
+
+reconciler_passes = Table(
+    "streamflow_reconciler_passes",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("host", String(200)),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime),
+    Column("summary", JSONValue),
+)
+
+recoveries = Table(
+    "streamflow_recoveries",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("pass_id", BigId),
+    Column("workflow_id", String(WORKFLOW_ID), nullable=False),
+    Column("step", String(STEP_NAME)),
+    #: What was repaired: release, redispatch, lease_expired, retry_due, ...
+    Column("repair", String(40), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("evidence", JSONValue),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index(None, "workflow_id", "id"),
+    Index(None, "pass_id"),
+)

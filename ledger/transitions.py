@@ -1,0 +1,297 @@
+"""Recording a step's outcome and reconciling its descendants, in one transaction."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, insert, select, update
+
+from ledger import tables as t
+from ledger.db import lock_workflow
+from ledger.errors import InvalidCompletionError, StepNotFoundError
+from ledger.jsonsafe import json_problems
+from ledger.model import CompletionResult
+from ledger.rules import (
+    TERMINAL_STATES,
+    Classification,
+    CompletionStatus,
+    DependencyView,
+    EdgePolicy,
+    RecordedAttempt,
+    StepSnapshot,
+    StepState,
+    classify_completion,
+    decide_child,
+    retry_delay_seconds,
+    state_for_status,
+    workflow_outcome,
+)
+
+#: The workflow counter column for each step state.
+COUNTER_COLUMNS: dict[StepState, str] = {s: f"{s.value}_count" for s in StepState}
+
+_REJECTIONS = {
+    "dependencies_not_satisfied": (
+        "step {step!r} is pending: its dependencies have not all finished, so it cannot "
+        "have run yet. Only `cancelled` may be recorded for a pending step."
+    ),
+    "attempt_not_started": "step {step!r} has not started attempt {attempt} (its latest is {latest})",
+}
+
+
+def parse_status(status: str | CompletionStatus) -> CompletionStatus:
+    try:
+        return CompletionStatus(status)
+    except ValueError:
+        allowed = ", ".join(s.value for s in CompletionStatus)
+        raise InvalidCompletionError(
+            f"unknown status {status!r}; use one of: {allowed}"
+        ) from None
+
+
+@dataclass
+class _Changes:
+    """State moves made in this transaction, so the workflow counters follow exactly."""
+
+    delta: dict[StepState, int] = field(default_factory=lambda: dict.fromkeys(StepState, 0))
+    released: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+
+    def move(self, old: StepState, new: StepState) -> None:
+        self.delta[old] -= 1
+        self.delta[new] += 1
+
+
+def complete_step(
+    conn: Connection,
+    workflow_id: str,
+    step: str,
+    status: str | CompletionStatus,
+    payload: Any = None,
+    *,
+    attempt: int | None = None,
+    source: str = "api",
+    now: datetime | None = None,
+    retry_at: datetime | None = None,
+) -> CompletionResult:
+    """Record an outcome for `step` and apply what follows from it.
+
+    Checks everything it can before writing: an unknown status, a payload that is not
+    plain JSON, an unknown workflow or step, or an outcome the step cannot have (a
+    pending step cannot have run) raise and write nothing. Outcomes that arrive after
+    the step's fate was sealed are kept as evidence and change nothing.
+    """
+    parsed = parse_status(status)
+    problems = json_problems(payload, "payload")
+    if problems:
+        raise InvalidCompletionError("payload is not plain JSON: " + "; ".join(problems))
+    if attempt is not None and (not isinstance(attempt, int) or attempt < 1):
+        raise InvalidCompletionError(f"attempt must be a positive integer, got {attempt!r}")
+    now = now or datetime.now(UTC)
+
+    wf = lock_workflow(conn, workflow_id)
+    row = _step_row(conn, workflow_id, step)
+    state = StepState(row["state"])
+    history = _history(conn, workflow_id, step)
+    decision = classify_completion(
+        StepSnapshot(state, row["attempt"], row["max_attempts"]), history, parsed, payload, attempt
+    )
+
+    if decision.classification is Classification.REJECTED:
+        template = _REJECTIONS[decision.reason or ""]
+        raise InvalidCompletionError(
+            template.format(step=step, attempt=attempt, latest=row["attempt"])
+        )
+
+    if decision.classification is not Classification.APPLIED:
+        _record_evidence(conn, workflow_id, step, decision.classification, parsed, attempt,
+                         payload, decision.reason, source, now)
+        if decision.classification is Classification.AMBIGUOUS:
+            _flag_for_review(conn, workflow_id, step, now)
+        return CompletionResult(
+            workflow_id=workflow_id, step=step, classification=decision.classification,
+            status=parsed.value, attempt=attempt or row["attempt"], reason=decision.reason,
+        )
+
+    changes = _Changes()
+    recorded = decision.status
+    conn.execute(insert(t.attempts).values(
+        workflow_id=workflow_id, step=step, attempt=decision.record_attempt,
+        status=recorded.value, payload=payload, reason=decision.reason, source=source,
+        recorded_at=now,
+    ))
+    if recorded is CompletionStatus.COMPLETED:
+        conn.execute(insert(t.results).values(
+            workflow_id=workflow_id, step=step, attempt=decision.record_attempt,
+            payload=payload, recorded_at=now,
+        ))
+
+    new_state = state_for_status(recorded)
+    values: dict[str, Any] = {
+        "state": new_state.value, "attempt": decision.record_attempt, "updated_at": now,
+        "lease_owner": None, "lease_expires_at": None,
+    }
+    if new_state in TERMINAL_STATES:
+        values.update(terminal_cause=decision.reason or recorded.value, finished_at=now,
+                      scheduled_at=None)
+    else:
+        delay = retry_delay_seconds(decision.record_attempt, unit_random=random.random())
+        values.update(scheduled_at=retry_at or now + timedelta(seconds=delay))
+    _set_step(conn, workflow_id, step, state, values)
+    changes.move(state, new_state)
+
+    if new_state in TERMINAL_STATES:
+        reconcile_descendants(conn, workflow_id, [step], changes, now)
+
+    outcome = _update_workflow(conn, wf, changes, now)
+    return CompletionResult(
+        workflow_id=workflow_id, step=step, classification=Classification.APPLIED,
+        status=recorded.value, attempt=decision.record_attempt,
+        released=tuple(changes.released), cancelled=tuple(changes.cancelled),
+        workflow_outcome=outcome, reason=decision.reason,
+    )
+
+
+def reconcile_descendants(
+    conn: Connection,
+    workflow_id: str,
+    finished: Iterable[str],
+    changes: _Changes,
+    now: datetime,
+) -> None:
+    """Release or cascade-cancel the children of steps that just became terminal.
+
+    Breadth-first: a child cancelled here is itself terminal, so its own children are
+    decided next. Every decision reads the states as they are now in this transaction
+    and goes through `ledger.rules.decide_child`. Releases are conditional updates
+    (`WHERE state = 'pending'`), so nothing is ever released twice.
+    """
+    queue = deque(finished)
+    while queue:
+        parent = queue.popleft()
+        for child, deps, child_state in _children_with_deps(conn, workflow_id, parent):
+            if child_state is not StepState.PENDING:
+                continue
+            decision = decide_child([d for d, _ in deps])
+            if decision.kind == "release":
+                if _set_step(conn, workflow_id, child, StepState.PENDING,
+                             {"state": StepState.AVAILABLE.value, "available_at": now,
+                              "updated_at": now}):
+                    changes.move(StepState.PENDING, StepState.AVAILABLE)
+                    changes.released.append(child)
+            elif decision.kind == "cancel":
+                cause = decision.cause
+                root = next(r for d, r in deps if d.step == cause)
+                if _set_step(conn, workflow_id, child, StepState.PENDING, {
+                    "state": StepState.CANCELLED.value,
+                    "terminal_cause": "cancelled_by_dependency",
+                    "cancelled_by_step": cause, "cancel_root_step": root,
+                    "finished_at": now, "updated_at": now,
+                }):
+                    changes.move(StepState.PENDING, StepState.CANCELLED)
+                    changes.cancelled.append(child)
+                    queue.append(child)
+
+
+# -- queries ----------------------------------------------------------------------------
+
+
+def _step_row(conn: Connection, workflow_id: str, step: str) -> dict[str, Any]:
+    s = t.steps
+    row = conn.execute(
+        select(s.c.state, s.c.attempt, s.c.max_attempts)
+        .where(s.c.workflow_id == workflow_id, s.c.name == step)
+    ).mappings().first()
+    if row is None:
+        known = conn.execute(
+            select(s.c.name).where(s.c.workflow_id == workflow_id).order_by(s.c.position)
+        ).scalars().all()
+        raise StepNotFoundError(workflow_id, step, list(known))
+    return dict(row)
+
+
+def _history(conn: Connection, workflow_id: str, step: str) -> dict[int, RecordedAttempt]:
+    a = t.attempts
+    rows = conn.execute(
+        select(a.c.attempt, a.c.status, a.c.payload)
+        .where(a.c.workflow_id == workflow_id, a.c.step == step)
+    ).all()
+    return {r.attempt: RecordedAttempt(r.attempt, CompletionStatus(r.status), r.payload)
+            for r in rows}
+
+
+def _children_with_deps(
+    conn: Connection, workflow_id: str, parent: str
+) -> list[tuple[str, list[tuple[DependencyView, str]], StepState]]:
+    """Each child of `parent`, with every dependency of that child (and the root cause
+    to record if that dependency cancels it), ordered by the child's position."""
+    e, p, c = t.edges, t.steps.alias("p"), t.steps.alias("c")
+    children = (
+        select(e.c.child).where(e.c.workflow_id == workflow_id, e.c.parent == parent)
+    ).scalar_subquery()
+    rows = conn.execute(
+        select(e.c.child, e.c.parent, e.c.policy, p.c.state.label("parent_state"),
+               p.c.terminal_cause, p.c.cancel_root_step, c.c.state.label("child_state"))
+        .join(p, (p.c.workflow_id == e.c.workflow_id) & (p.c.name == e.c.parent))
+        .join(c, (c.c.workflow_id == e.c.workflow_id) & (c.c.name == e.c.child))
+        .where(e.c.workflow_id == workflow_id, e.c.child.in_(children))
+        .order_by(c.c.position, e.c.parent)
+    ).all()
+    grouped: dict[str, tuple[list[tuple[DependencyView, str]], StepState]] = {}
+    for r in rows:
+        deps, _ = grouped.setdefault(r.child, ([], StepState(r.child_state)))
+        root = (r.cancel_root_step if r.terminal_cause == "cancelled_by_dependency"
+                else r.parent)
+        deps.append((DependencyView(r.parent, StepState(r.parent_state),
+                                    EdgePolicy(r.policy)), root))
+    return [(child, deps, state) for child, (deps, state) in grouped.items()]
+
+
+def _set_step(
+    conn: Connection, workflow_id: str, step: str, expected: StepState, values: dict[str, Any]
+) -> bool:
+    """Conditional update: applies only if the step is still in `expected`."""
+    s = t.steps
+    result = conn.execute(
+        update(s)
+        .where(s.c.workflow_id == workflow_id, s.c.name == step, s.c.state == expected.value)
+        .values(**values)
+    )
+    return result.rowcount == 1
+
+
+def _update_workflow(
+    conn: Connection, wf: dict[str, Any], changes: _Changes, now: datetime
+) -> str | None:
+    counts = {s: wf[COUNTER_COLUMNS[s]] + changes.delta[s] for s in StepState}
+    outcome = workflow_outcome(counts)
+    values: dict[str, Any] = {COUNTER_COLUMNS[s]: counts[s] for s in StepState}
+    values["updated_at"] = now
+    if outcome is not None:
+        values.update(state="finished", outcome=outcome, finished_at=now)
+    conn.execute(update(t.workflows).where(t.workflows.c.id == wf["id"]).values(**values))
+    return outcome
+
+
+def _record_evidence(
+    conn: Connection, workflow_id: str, step: str, classification: Classification,
+    status: CompletionStatus, attempt: int | None, payload: Any, reason: str | None,
+    source: str, now: datetime,
+) -> None:
+    conn.execute(insert(t.evidence).values(
+        workflow_id=workflow_id, step=step, kind="completion",
+        classification=classification.value, source=source, status=status.value,
+        attempt=attempt, payload=payload, reason=reason, created_at=now,
+    ))
+
+
+def _flag_for_review(conn: Connection, workflow_id: str, step: str, now: datetime) -> None:
+    s, w = t.steps, t.workflows
+    conn.execute(update(s).where(s.c.workflow_id == workflow_id, s.c.name == step)
+                 .values(needs_review=True, updated_at=now))
+    conn.execute(update(w).where(w.c.id == workflow_id).values(needs_review=True, updated_at=now))

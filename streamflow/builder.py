@@ -1,0 +1,209 @@
+"""The immutable Workflow builder: steps, dependencies and result placeholders."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ledger import operations
+from ledger.db import Repo
+from ledger.model import CompletionResult, StepDefinition, WorkflowDefinition, WorkflowRecord
+from ledger.placeholders import result_marker
+from ledger.rules import EdgePolicy
+from streamflow.errors import WorkflowValidationError
+from streamflow.validation import StepShape, validate
+from streamflow.worker import JobSpec
+
+_POLICIES = tuple(p.value for p in EdgePolicy)
+
+
+@dataclass(frozen=True, slots=True)
+class ResultRef:
+    """Stands for the stored result of `step`; made by `Workflow.result(step)`."""
+
+    step: str
+
+
+@dataclass(frozen=True, slots=True)
+class Dep:
+    """A dependency with an edge policy: `cancel` (default) or `continue`.
+
+    With `continue`, the dependency finishing in any terminal state (completed, failed
+    or cancelled) satisfies this step, so cleanup and compensation still run.
+    """
+
+    step: str
+    policy: str = "cancel"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.step, str):
+            raise TypeError(f"Dep step must be a step name (str), got {self.step!r}")
+        if self.policy not in _POLICIES:
+            raise ValueError(
+                f"unknown edge policy {self.policy!r}; use one of: {', '.join(_POLICIES)}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class StepSpec:
+    name: str
+    job: JobSpec
+    deps: tuple[Dep, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PersistedWorkflow:
+    """What `Workflow.insert` returns."""
+
+    id: str
+    name: str
+    steps: tuple[StepSpec, ...]
+    workflow_context: dict[str, Any]
+
+    @property
+    def step_names(self) -> list[str]:
+        return [s.name for s in self.steps]
+
+
+@dataclass(frozen=True, slots=True)
+class Workflow:
+    """A workflow definition. Immutable: `add` returns a new Workflow.
+
+    ```python
+    wf = (
+        Workflow.new(name="sync_customer", workflow_context={"account_id": 42})
+        .add("fetch", FetchCustomer.new({"account_id": 42}))
+        .add("bill", SyncBilling.new({"customer": Workflow.result("fetch")}), deps=["fetch"])
+        .add("cleanup", Cleanup.new({}), deps=[Dep("bill", policy="continue")])
+    )
+    persisted = Workflow.insert(wf, engine)
+    ```
+    """
+
+    name: str
+    workflow_context: dict[str, Any] = field(default_factory=dict)
+    steps: tuple[StepSpec, ...] = ()
+
+    # -- building ---------------------------------------------------------------------
+
+    @classmethod
+    def new(cls, name: str, workflow_context: dict[str, Any] | None = None) -> Workflow:
+        context = {} if workflow_context is None else workflow_context
+        try:
+            context = copy.deepcopy(context)
+        except Exception:  # noqa: BLE001 - validation reports what cannot be stored
+            pass
+        return cls(name=name, workflow_context=context)
+
+    def add(self, name: str, job: JobSpec, deps: Iterable[str | Dep] | str | Dep = ()) -> Workflow:
+        """A new Workflow with step `name` added, running `job` after `deps`."""
+        if not isinstance(job, JobSpec):
+            raise TypeError(
+                f"step {name!r}: job must come from MyWorker.new(args), got {type(job).__name__}"
+            )
+        dep_list = [deps] if isinstance(deps, str | Dep) else list(deps)
+        normalized: list[Dep] = []
+        for d in dep_list:
+            if isinstance(d, Dep):
+                normalized.append(d)
+            elif isinstance(d, str):
+                normalized.append(Dep(d))
+            else:
+                raise TypeError(
+                    f"step {name!r}: each dependency is a step name or a Dep, got {d!r}"
+                )
+        step = StepSpec(name=name, job=job, deps=tuple(normalized))
+        return Workflow(self.name, self.workflow_context, (*self.steps, step))
+
+    @staticmethod
+    def result(step: str) -> ResultRef:
+        """A placeholder for `step`'s stored result, resolved when the dependent step runs."""
+        return ResultRef(step)
+
+    # -- validation -------------------------------------------------------------------
+
+    def validate(self) -> list[Any]:
+        """Every problem with this definition (empty when it can be inserted)."""
+        return validate(self.name, self.workflow_context, [_shape(s) for s in self.steps])
+
+    def definition(self) -> WorkflowDefinition:
+        """The ledger's form of this workflow; raises WorkflowValidationError if invalid."""
+        issues = self.validate()
+        if issues:
+            raise WorkflowValidationError(issues)
+        return WorkflowDefinition(
+            name=self.name,
+            context=self.workflow_context,
+            steps=tuple(
+                StepDefinition(
+                    name=s.name, worker=s.job.worker, queue=s.job.queue,
+                    args=_encode(s.job.args, []), max_attempts=s.job.max_attempts,
+                    priority=s.job.priority,
+                    deps=tuple((d.step, EdgePolicy(d.policy)) for d in s.deps),
+                )
+                for s in self.steps
+            ),
+        )
+
+    # -- the ledger -------------------------------------------------------------------
+
+    def insert(self, repo: Repo) -> PersistedWorkflow:
+        """Validate and write this workflow; with a Connection, in the caller's transaction.
+
+        Raises WorkflowValidationError (listing every problem) and writes nothing if the
+        definition is invalid.
+        """
+        definition = self.definition()
+        workflow_id = operations.insert(repo, definition)
+        return PersistedWorkflow(workflow_id, self.name, self.steps, self.workflow_context)
+
+    @staticmethod
+    def complete_step(
+        repo: Repo,
+        workflow_id: str,
+        step: str,
+        *,
+        status: str,
+        payload: Any = None,
+        attempt: int | None = None,
+    ) -> CompletionResult:
+        """Record `step`'s outcome and release or cancel its descendants, atomically.
+
+        `status` is completed, retryable, failed or cancelled. Repeats and conflicts are
+        kept as evidence (`duplicate`, `late`, `ambiguous`) and change nothing.
+        """
+        return operations.complete(repo, workflow_id, step, status, payload, attempt=attempt)
+
+    @staticmethod
+    def get(repo: Repo, workflow_id: str) -> WorkflowRecord:
+        """The workflow with its state, outcome, counters and every step's state."""
+        return operations.get(repo, workflow_id)
+
+    @staticmethod
+    def results(repo: Repo, workflow_id: str) -> dict[str, Any]:
+        """`{step_name: stored payload}` for the completed steps."""
+        return operations.results(repo, workflow_id)
+
+
+def _encode(value: Any, refs: list[str]) -> Any:
+    """Replace ResultRef placeholders with their stored JSON form, collecting their steps."""
+    if isinstance(value, ResultRef):
+        refs.append(value.step)
+        return result_marker(value.step)
+    if isinstance(value, dict):
+        return {k: _encode(v, refs) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_encode(v, refs) for v in value]
+    return value
+
+
+def _shape(s: StepSpec) -> StepShape:
+    refs: list[str] = []
+    encoded = _encode(s.job.args, refs)
+    return StepShape(
+        name=s.name, deps=[d.step for d in s.deps], references=refs, encoded_args=encoded,
+        queue=s.job.queue, max_attempts=s.job.max_attempts, priority=s.job.priority,
+        worker=s.job.worker,
+    )
