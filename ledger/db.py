@@ -22,6 +22,9 @@ from ledger.errors import WorkflowNotFoundError
 
 Repo = Engine | Connection
 
+#: Execution option marking a connection that only reads (see `read`).
+READ_ONLY = "streamflow_read_only"
+
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An Engine configured for the ledger.
@@ -55,7 +58,9 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Reads take a deferred BEGIN so they never wait for (or block) a writer under WAL.
+        readonly = conn.get_execution_options().get(READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
 
 @contextmanager
@@ -86,6 +91,7 @@ def read(repo: Repo) -> Iterator[Connection]:
     """A connection for reads: a short transaction on an Engine, the caller's Connection as is."""
     if isinstance(repo, Engine):
         with repo.connect() as conn:
+            conn.execution_options(**{READ_ONLY: True})
             yield conn
         return
     yield repo
