@@ -67,8 +67,10 @@ def diagnose(f: StepFacts) -> Diagnosis:
 
     if f.needs_review:
         blockers.append(Blocker.AMBIGUOUS_OUTCOME)
-        reasons.append("a conflicting outcome was reported after the first one was recorded; "
-                       "the first stands (see `streamflow evidence`)")
+        reasons.append(
+            "a conflicting outcome was reported after the first one was recorded; "
+            "the first stands (see `streamflow evidence`)"
+        )
 
     if f.state is StepState.PENDING:
         unfinished = [d for d in views if not dependency_satisfied(d.state, d.policy)]
@@ -83,16 +85,21 @@ def diagnose(f: StepFacts) -> Diagnosis:
         decision = decide_child(views)
         if decision.kind == "release":
             blockers.append(Blocker.RELEASE_NOT_APPLIED)
-            reasons.append("every dependency is satisfied but the release was not applied "
-                           "yet; the reconciler repairs this")
+            reasons.append(
+                "every dependency is satisfied but the release was not applied "
+                "yet; the reconciler repairs this"
+            )
         elif decision.kind == "cancel":
             blockers.append(Blocker.CANCEL_NOT_APPLIED)
-            reasons.append(f"dependency {decision.cause!r} ended without completing, but the "
-                           "cascade was not applied yet; the reconciler repairs this")
+            reasons.append(
+                f"dependency {decision.cause!r} ended without completing, but the "
+                "cascade was not applied yet; the reconciler repairs this"
+            )
 
     if f.state in (StepState.PENDING, StepState.AVAILABLE):
         missing = sorted(
-            d.step for d, has_result in f.deps
+            d.step
+            for d, has_result in f.deps
             if d.state is StepState.COMPLETED and not has_result and d.step in f.referenced
         )
         if missing:
@@ -104,25 +111,32 @@ def diagnose(f: StepFacts) -> Diagnosis:
         reasons.append("an attempt failed; the next one is scheduled")
     if f.state is StepState.FAILED:
         blockers.append(Blocker.STEP_FAILED)
-        reasons.append("failed after exhausting its attempts"
-                       if f.terminal_cause == "attempts_exhausted" else "failed")
+        reasons.append(
+            "failed after exhausting its attempts"
+            if f.terminal_cause == "attempts_exhausted"
+            else "failed"
+        )
     if f.state is StepState.CANCELLED:
         if f.terminal_cause == "cancelled_by_dependency":
             blockers.append(Blocker.CANCELLED_BY_DEPENDENCY)
-            root = ("" if f.cancel_root_step == f.cancelled_by_step
-                    else f", which was cancelled because {f.cancel_root_step!r} failed")
-            reasons.append(f"cancelled through its cancel edge from {f.cancelled_by_step!r}"
-                           + root)
+            root = (
+                ""
+                if f.cancel_root_step == f.cancelled_by_step
+                else f", which was cancelled because {f.cancel_root_step!r} failed"
+            )
+            reasons.append(f"cancelled through its cancel edge from {f.cancelled_by_step!r}" + root)
         else:
             reasons.append("cancelled")
 
     label = _label(f.state, blockers)
     if not reasons:
-        reasons.append({
-            StepState.AVAILABLE: "released; waiting for a worker to claim it",
-            StepState.EXECUTING: "a worker is running it",
-            StepState.COMPLETED: "completed; its result is stored",
-        }.get(f.state, f.state.value))
+        reasons.append(
+            {
+                StepState.AVAILABLE: "released; waiting for a worker to claim it",
+                StepState.EXECUTING: "a worker is running it",
+                StepState.COMPLETED: "completed; its result is stored",
+            }.get(f.state, f.state.value)
+        )
     return Diagnosis(label, tuple(blockers), "; ".join(reasons))
 
 
@@ -133,8 +147,11 @@ def _label(state: StepState, blockers: list[Blocker]) -> Label:
         return Label.CANCELLED
     if state is StepState.COMPLETED:
         return Label.DONE
-    if {Blocker.RELEASE_NOT_APPLIED, Blocker.CANCEL_NOT_APPLIED,
-            Blocker.MISSING_DEPENDENCY_RESULT} & set(blockers):
+    if {
+        Blocker.RELEASE_NOT_APPLIED,
+        Blocker.CANCEL_NOT_APPLIED,
+        Blocker.MISSING_DEPENDENCY_RESULT,
+    } & set(blockers):
         return Label.BLOCKED
     if state is StepState.EXECUTING:
         return Label.RUNNING

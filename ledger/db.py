@@ -111,9 +111,11 @@ def lock_workflow(conn: Connection, workflow_id: str) -> dict[str, Any]:
         conn.execute(update(w).where(w.c.id == workflow_id).values(id=w.c.id))
         row = conn.execute(select(w).where(w.c.id == workflow_id)).mappings().first()
     else:
-        row = conn.execute(
-            select(w).where(w.c.id == workflow_id).with_for_update()
-        ).mappings().first()
+        row = (
+            conn.execute(select(w).where(w.c.id == workflow_id).with_for_update())
+            .mappings()
+            .first()
+        )
     if row is None:
         raise WorkflowNotFoundError(workflow_id)
     return dict(row)

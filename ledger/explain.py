@@ -25,8 +25,13 @@ class DependencySnapshot:
     has_result: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "state": self.state, "policy": self.policy,
-                "satisfied": self.satisfied, "has_result": self.has_result}
+        return {
+            "step": self.step,
+            "state": self.state,
+            "policy": self.policy,
+            "satisfied": self.satisfied,
+            "has_result": self.has_result,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +82,19 @@ class StepExplanation:
 def explain_step(conn: Connection, workflow_id: str, step: str) -> StepExplanation:
     w = workflow_row(conn, workflow_id)
     s, e, r = t.steps, t.edges, t.results
-    row = conn.execute(
-        select(s).where(s.c.workflow_id == workflow_id, s.c.name == step)
-    ).mappings().first()
+    row = (
+        conn.execute(select(s).where(s.c.workflow_id == workflow_id, s.c.name == step))
+        .mappings()
+        .first()
+    )
     if row is None:
-        known = conn.execute(
-            select(s.c.name).where(s.c.workflow_id == workflow_id).order_by(s.c.position)
-        ).scalars().all()
+        known = (
+            conn.execute(
+                select(s.c.name).where(s.c.workflow_id == workflow_id).order_by(s.c.position)
+            )
+            .scalars()
+            .all()
+        )
         raise StepNotFoundError(workflow_id, step, list(known))
 
     p = s.alias("p")
@@ -95,29 +106,44 @@ def explain_step(conn: Connection, workflow_id: str, step: str) -> StepExplanati
         .order_by(p.c.position)
     ).all()
     deps = [
-        (DependencyView(d.parent, StepState(d.state), EdgePolicy(d.policy)),
-         d.result_step is not None)
+        (
+            DependencyView(d.parent, StepState(d.state), EdgePolicy(d.policy)),
+            d.result_step is not None,
+        )
         for d in dep_rows
     ]
-    diagnosis = diagnose(StepFacts(
-        state=StepState(row["state"]), needs_review=row["needs_review"],
-        terminal_cause=row["terminal_cause"], cancelled_by_step=row["cancelled_by_step"],
-        cancel_root_step=row["cancel_root_step"], deps=deps,
-        referenced=frozenset(referenced_steps(row["args"])),
-    ))
+    diagnosis = diagnose(
+        StepFacts(
+            state=StepState(row["state"]),
+            needs_review=row["needs_review"],
+            terminal_cause=row["terminal_cause"],
+            cancelled_by_step=row["cancelled_by_step"],
+            cancel_root_step=row["cancel_root_step"],
+            deps=deps,
+            referenced=frozenset(referenced_steps(row["args"])),
+        )
+    )
     return StepExplanation(
-        workflow_id=workflow_id, workflow_name=w["name"], workflow_state=w["state"],
-        workflow_outcome=w["outcome"], step=step, state=row["state"],
+        workflow_id=workflow_id,
+        workflow_name=w["name"],
+        workflow_state=w["state"],
+        workflow_outcome=w["outcome"],
+        step=step,
+        state=row["state"],
         label=Label(diagnosis.label).value,
         blocker_codes=[Blocker(b).value for b in diagnosis.blockers],
         reason=diagnosis.reason,
         dependencies=[
-            DependencySnapshot(d.step, d.state.value, d.policy.value,
-                               dependency_satisfied(d.state, d.policy), has)
+            DependencySnapshot(
+                d.step, d.state.value, d.policy.value, dependency_satisfied(d.state, d.policy), has
+            )
             for d, has in deps
         ],
-        attempt=row["attempt"], max_attempts=row["max_attempts"],
-        needs_review=row["needs_review"], terminal_cause=row["terminal_cause"],
-        cancelled_by_step=row["cancelled_by_step"], cancel_root_step=row["cancel_root_step"],
+        attempt=row["attempt"],
+        max_attempts=row["max_attempts"],
+        needs_review=row["needs_review"],
+        terminal_cause=row["terminal_cause"],
+        cancelled_by_step=row["cancelled_by_step"],
+        cancel_root_step=row["cancel_root_step"],
         scheduled_at=row["scheduled_at"],
     )

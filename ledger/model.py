@@ -42,13 +42,24 @@ class Counters:
 
     @property
     def total(self) -> int:
-        return (self.pending + self.runnable + self.executing + self.retryable
-                + self.completed + self.failed + self.cancelled)
+        return (
+            self.pending
+            + self.runnable
+            + self.executing
+            + self.retryable
+            + self.completed
+            + self.failed
+            + self.cancelled
+        )
 
     def as_dict(self) -> dict[str, int]:
         return {
-            "pending": self.pending, "runnable": self.runnable, "executing": self.executing,
-            "retryable": self.retryable, "completed": self.completed, "failed": self.failed,
+            "pending": self.pending,
+            "runnable": self.runnable,
+            "executing": self.executing,
+            "retryable": self.retryable,
+            "completed": self.completed,
+            "failed": self.failed,
             "cancelled": self.cancelled,
         }
 

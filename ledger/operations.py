@@ -36,8 +36,17 @@ def complete(
     retry_at: datetime | None = None,
 ) -> CompletionResult:
     with transaction(repo) as conn:
-        return complete_step(conn, workflow_id, step, status, payload, attempt=attempt,
-                             source=source, now=now, retry_at=retry_at)
+        return complete_step(
+            conn,
+            workflow_id,
+            step,
+            status,
+            payload,
+            attempt=attempt,
+            source=source,
+            now=now,
+            retry_at=retry_at,
+        )
 
 
 def get(repo: Repo, workflow_id: str) -> WorkflowRecord:

@@ -13,9 +13,9 @@ from ledger.rules import EdgePolicy, StepState
 
 
 def workflow_row(conn: Connection, workflow_id: str) -> dict[str, Any]:
-    row = conn.execute(
-        select(t.workflows).where(t.workflows.c.id == workflow_id)
-    ).mappings().first()
+    row = (
+        conn.execute(select(t.workflows).where(t.workflows.c.id == workflow_id)).mappings().first()
+    )
     if row is None:
         raise WorkflowNotFoundError(workflow_id)
     return dict(row)
@@ -23,9 +23,12 @@ def workflow_row(conn: Connection, workflow_id: str) -> dict[str, Any]:
 
 def counters_of(row: dict[str, Any]) -> Counters:
     return Counters(
-        pending=row["pending_count"], runnable=row["available_count"],
-        executing=row["executing_count"], retryable=row["retryable_count"],
-        completed=row["completed_count"], failed=row["failed_count"],
+        pending=row["pending_count"],
+        runnable=row["available_count"],
+        executing=row["executing_count"],
+        retryable=row["retryable_count"],
+        completed=row["completed_count"],
+        failed=row["failed_count"],
         cancelled=row["cancelled_count"],
     )
 
@@ -34,8 +37,9 @@ def get_workflow(conn: Connection, workflow_id: str) -> WorkflowRecord:
     w = workflow_row(conn, workflow_id)
     deps: dict[str, list[tuple[str, EdgePolicy]]] = {}
     for e in conn.execute(
-        select(t.edges.c.child, t.edges.c.parent, t.edges.c.policy)
-        .where(t.edges.c.workflow_id == workflow_id)
+        select(t.edges.c.child, t.edges.c.parent, t.edges.c.policy).where(
+            t.edges.c.workflow_id == workflow_id
+        )
     ):
         deps.setdefault(e.child, []).append((e.parent, EdgePolicy(e.policy)))
     steps: dict[str, StepRecord] = {}
@@ -43,18 +47,34 @@ def get_workflow(conn: Connection, workflow_id: str) -> WorkflowRecord:
         select(t.steps).where(t.steps.c.workflow_id == workflow_id).order_by(t.steps.c.position)
     ).mappings():
         steps[s["name"]] = StepRecord(
-            name=s["name"], state=StepState(s["state"]), attempt=s["attempt"],
-            max_attempts=s["max_attempts"], worker=s["worker"], queue=s["queue"],
-            priority=s["priority"], args=s["args"], needs_review=s["needs_review"],
-            terminal_cause=s["terminal_cause"], cancelled_by_step=s["cancelled_by_step"],
-            cancel_root_step=s["cancel_root_step"], scheduled_at=s["scheduled_at"],
-            finished_at=s["finished_at"], deps=tuple(sorted(deps.get(s["name"], []))),
+            name=s["name"],
+            state=StepState(s["state"]),
+            attempt=s["attempt"],
+            max_attempts=s["max_attempts"],
+            worker=s["worker"],
+            queue=s["queue"],
+            priority=s["priority"],
+            args=s["args"],
+            needs_review=s["needs_review"],
+            terminal_cause=s["terminal_cause"],
+            cancelled_by_step=s["cancelled_by_step"],
+            cancel_root_step=s["cancel_root_step"],
+            scheduled_at=s["scheduled_at"],
+            finished_at=s["finished_at"],
+            deps=tuple(sorted(deps.get(s["name"], []))),
         )
     return WorkflowRecord(
-        id=w["id"], name=w["name"], state=w["state"], outcome=w["outcome"],
-        semantics_version=w["semantics_version"], context=w["context"],
-        counters=counters_of(w), needs_review=w["needs_review"], created_at=w["created_at"],
-        finished_at=w["finished_at"], steps=steps,
+        id=w["id"],
+        name=w["name"],
+        state=w["state"],
+        outcome=w["outcome"],
+        semantics_version=w["semantics_version"],
+        context=w["context"],
+        counters=counters_of(w),
+        needs_review=w["needs_review"],
+        created_at=w["created_at"],
+        finished_at=w["finished_at"],
+        steps=steps,
     )
 
 

@@ -261,5 +261,5 @@ def retry_delay_seconds(
     `unit_random` is a number in [0, 1) supplied by the caller, so this stays pure; 0.5
     means no jitter at all.
     """
-    raw = min(cap, base * (2 ** max(0, attempt - 1)))
+    raw = min(cap, base * 2.0 ** max(0, attempt - 1))
     return raw * (1.0 + jitter * (2.0 * unit_random - 1.0))

@@ -198,9 +198,7 @@ attempts = Table(
     ForeignKeyConstraint(
         ["workflow_id", "step"], [steps.c.workflow_id, steps.c.name], ondelete="CASCADE"
     ),
-    CheckConstraint(
-        "status IN ('completed','retryable','failed','cancelled')", name="status"
-    ),
+    CheckConstraint("status IN ('completed','retryable','failed','cancelled')", name="status"),
 )
 
 evidence = Table(

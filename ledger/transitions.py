@@ -40,7 +40,9 @@ _REJECTIONS = {
         "step {step!r} is pending: its dependencies have not all finished, so it cannot "
         "have run yet. Only `cancelled` may be recorded for a pending step."
     ),
-    "attempt_not_started": "step {step!r} has not started attempt {attempt} (its latest is {latest})",
+    "attempt_not_started": (
+        "step {step!r} has not started attempt {attempt} (its latest is {latest})"
+    ),
 }
 
 
@@ -49,9 +51,7 @@ def parse_status(status: str | CompletionStatus) -> CompletionStatus:
         return CompletionStatus(status)
     except ValueError:
         allowed = ", ".join(s.value for s in CompletionStatus)
-        raise InvalidCompletionError(
-            f"unknown status {status!r}; use one of: {allowed}"
-        ) from None
+        raise InvalidCompletionError(f"unknown status {status!r}; use one of: {allowed}") from None
 
 
 @dataclass
@@ -109,36 +109,66 @@ def complete_step(
         )
 
     if decision.classification is not Classification.APPLIED:
-        _record_evidence(conn, workflow_id, step, decision.classification, parsed, attempt,
-                         payload, decision.reason, source, now)
+        _record_evidence(
+            conn,
+            workflow_id,
+            step,
+            decision.classification,
+            parsed,
+            attempt,
+            payload,
+            decision.reason,
+            source,
+            now,
+        )
         if decision.classification is Classification.AMBIGUOUS:
             _flag_for_review(conn, workflow_id, step, now)
         return CompletionResult(
-            workflow_id=workflow_id, step=step, classification=decision.classification,
-            status=parsed.value, attempt=attempt or row["attempt"], reason=decision.reason,
+            workflow_id=workflow_id,
+            step=step,
+            classification=decision.classification,
+            status=parsed.value,
+            attempt=attempt or row["attempt"],
+            reason=decision.reason,
         )
 
     changes = _Changes()
     recorded = decision.status
-    conn.execute(insert(t.attempts).values(
-        workflow_id=workflow_id, step=step, attempt=decision.record_attempt,
-        status=recorded.value, payload=payload, reason=decision.reason, source=source,
-        recorded_at=now,
-    ))
+    conn.execute(
+        insert(t.attempts).values(
+            workflow_id=workflow_id,
+            step=step,
+            attempt=decision.record_attempt,
+            status=recorded.value,
+            payload=payload,
+            reason=decision.reason,
+            source=source,
+            recorded_at=now,
+        )
+    )
     if recorded is CompletionStatus.COMPLETED:
-        conn.execute(insert(t.results).values(
-            workflow_id=workflow_id, step=step, attempt=decision.record_attempt,
-            payload=payload, recorded_at=now,
-        ))
+        conn.execute(
+            insert(t.results).values(
+                workflow_id=workflow_id,
+                step=step,
+                attempt=decision.record_attempt,
+                payload=payload,
+                recorded_at=now,
+            )
+        )
 
     new_state = state_for_status(recorded)
     values: dict[str, Any] = {
-        "state": new_state.value, "attempt": decision.record_attempt, "updated_at": now,
-        "lease_owner": None, "lease_expires_at": None,
+        "state": new_state.value,
+        "attempt": decision.record_attempt,
+        "updated_at": now,
+        "lease_owner": None,
+        "lease_expires_at": None,
     }
     if new_state in TERMINAL_STATES:
-        values.update(terminal_cause=decision.reason or recorded.value, finished_at=now,
-                      scheduled_at=None)
+        values.update(
+            terminal_cause=decision.reason or recorded.value, finished_at=now, scheduled_at=None
+        )
     else:
         delay = retry_delay_seconds(decision.record_attempt, unit_random=random.random())
         values.update(scheduled_at=retry_at or now + timedelta(seconds=delay))
@@ -150,10 +180,15 @@ def complete_step(
 
     outcome = _update_workflow(conn, wf, changes, now)
     return CompletionResult(
-        workflow_id=workflow_id, step=step, classification=Classification.APPLIED,
-        status=recorded.value, attempt=decision.record_attempt,
-        released=tuple(changes.released), cancelled=tuple(changes.cancelled),
-        workflow_outcome=outcome, reason=decision.reason,
+        workflow_id=workflow_id,
+        step=step,
+        classification=Classification.APPLIED,
+        status=recorded.value,
+        attempt=decision.record_attempt,
+        released=tuple(changes.released),
+        cancelled=tuple(changes.cancelled),
+        workflow_outcome=outcome,
+        reason=decision.reason,
     )
 
 
@@ -179,20 +214,32 @@ def reconcile_descendants(
                 continue
             decision = decide_child([d for d, _ in deps])
             if decision.kind == "release":
-                if _set_step(conn, workflow_id, child, StepState.PENDING,
-                             {"state": StepState.AVAILABLE.value, "available_at": now,
-                              "updated_at": now}):
+                if _set_step(
+                    conn,
+                    workflow_id,
+                    child,
+                    StepState.PENDING,
+                    {"state": StepState.AVAILABLE.value, "available_at": now, "updated_at": now},
+                ):
                     changes.move(StepState.PENDING, StepState.AVAILABLE)
                     changes.released.append(child)
             elif decision.kind == "cancel":
                 cause = decision.cause
                 root = next(r for d, r in deps if d.step == cause)
-                if _set_step(conn, workflow_id, child, StepState.PENDING, {
-                    "state": StepState.CANCELLED.value,
-                    "terminal_cause": "cancelled_by_dependency",
-                    "cancelled_by_step": cause, "cancel_root_step": root,
-                    "finished_at": now, "updated_at": now,
-                }):
+                if _set_step(
+                    conn,
+                    workflow_id,
+                    child,
+                    StepState.PENDING,
+                    {
+                        "state": StepState.CANCELLED.value,
+                        "terminal_cause": "cancelled_by_dependency",
+                        "cancelled_by_step": cause,
+                        "cancel_root_step": root,
+                        "finished_at": now,
+                        "updated_at": now,
+                    },
+                ):
                     changes.move(StepState.PENDING, StepState.CANCELLED)
                     changes.cancelled.append(child)
                     queue.append(child)
@@ -203,14 +250,23 @@ def reconcile_descendants(
 
 def _step_row(conn: Connection, workflow_id: str, step: str) -> dict[str, Any]:
     s = t.steps
-    row = conn.execute(
-        select(s.c.state, s.c.attempt, s.c.max_attempts)
-        .where(s.c.workflow_id == workflow_id, s.c.name == step)
-    ).mappings().first()
+    row = (
+        conn.execute(
+            select(s.c.state, s.c.attempt, s.c.max_attempts).where(
+                s.c.workflow_id == workflow_id, s.c.name == step
+            )
+        )
+        .mappings()
+        .first()
+    )
     if row is None:
-        known = conn.execute(
-            select(s.c.name).where(s.c.workflow_id == workflow_id).order_by(s.c.position)
-        ).scalars().all()
+        known = (
+            conn.execute(
+                select(s.c.name).where(s.c.workflow_id == workflow_id).order_by(s.c.position)
+            )
+            .scalars()
+            .all()
+        )
         raise StepNotFoundError(workflow_id, step, list(known))
     return dict(row)
 
@@ -218,11 +274,13 @@ def _step_row(conn: Connection, workflow_id: str, step: str) -> dict[str, Any]:
 def _history(conn: Connection, workflow_id: str, step: str) -> dict[int, RecordedAttempt]:
     a = t.attempts
     rows = conn.execute(
-        select(a.c.attempt, a.c.status, a.c.payload)
-        .where(a.c.workflow_id == workflow_id, a.c.step == step)
+        select(a.c.attempt, a.c.status, a.c.payload).where(
+            a.c.workflow_id == workflow_id, a.c.step == step
+        )
     ).all()
-    return {r.attempt: RecordedAttempt(r.attempt, CompletionStatus(r.status), r.payload)
-            for r in rows}
+    return {
+        r.attempt: RecordedAttempt(r.attempt, CompletionStatus(r.status), r.payload) for r in rows
+    }
 
 
 def _children_with_deps(
@@ -235,8 +293,15 @@ def _children_with_deps(
         select(e.c.child).where(e.c.workflow_id == workflow_id, e.c.parent == parent)
     ).scalar_subquery()
     rows = conn.execute(
-        select(e.c.child, e.c.parent, e.c.policy, p.c.state.label("parent_state"),
-               p.c.terminal_cause, p.c.cancel_root_step, c.c.state.label("child_state"))
+        select(
+            e.c.child,
+            e.c.parent,
+            e.c.policy,
+            p.c.state.label("parent_state"),
+            p.c.terminal_cause,
+            p.c.cancel_root_step,
+            c.c.state.label("child_state"),
+        )
         .join(p, (p.c.workflow_id == e.c.workflow_id) & (p.c.name == e.c.parent))
         .join(c, (c.c.workflow_id == e.c.workflow_id) & (c.c.name == e.c.child))
         .where(e.c.workflow_id == workflow_id, e.c.child.in_(children))
@@ -245,10 +310,10 @@ def _children_with_deps(
     grouped: dict[str, tuple[list[tuple[DependencyView, str]], StepState]] = {}
     for r in rows:
         deps, _ = grouped.setdefault(r.child, ([], StepState(r.child_state)))
-        root = (r.cancel_root_step if r.terminal_cause == "cancelled_by_dependency"
-                else r.parent)
-        deps.append((DependencyView(r.parent, StepState(r.parent_state),
-                                    EdgePolicy(r.policy)), root))
+        root = r.cancel_root_step if r.terminal_cause == "cancelled_by_dependency" else r.parent
+        deps.append(
+            (DependencyView(r.parent, StepState(r.parent_state), EdgePolicy(r.policy)), root)
+        )
     return [(child, deps, state) for child, (deps, state) in grouped.items()]
 
 
@@ -279,19 +344,38 @@ def _update_workflow(
 
 
 def _record_evidence(
-    conn: Connection, workflow_id: str, step: str, classification: Classification,
-    status: CompletionStatus, attempt: int | None, payload: Any, reason: str | None,
-    source: str, now: datetime,
+    conn: Connection,
+    workflow_id: str,
+    step: str,
+    classification: Classification,
+    status: CompletionStatus,
+    attempt: int | None,
+    payload: Any,
+    reason: str | None,
+    source: str,
+    now: datetime,
 ) -> None:
-    conn.execute(insert(t.evidence).values(
-        workflow_id=workflow_id, step=step, kind="completion",
-        classification=classification.value, source=source, status=status.value,
-        attempt=attempt, payload=payload, reason=reason, created_at=now,
-    ))
+    conn.execute(
+        insert(t.evidence).values(
+            workflow_id=workflow_id,
+            step=step,
+            kind="completion",
+            classification=classification.value,
+            source=source,
+            status=status.value,
+            attempt=attempt,
+            payload=payload,
+            reason=reason,
+            created_at=now,
+        )
+    )
 
 
 def _flag_for_review(conn: Connection, workflow_id: str, step: str, now: datetime) -> None:
     s, w = t.steps, t.workflows
-    conn.execute(update(s).where(s.c.workflow_id == workflow_id, s.c.name == step)
-                 .values(needs_review=True, updated_at=now))
+    conn.execute(
+        update(s)
+        .where(s.c.workflow_id == workflow_id, s.c.name == step)
+        .values(needs_review=True, updated_at=now)
+    )
     conn.execute(update(w).where(w.c.id == workflow_id).values(needs_review=True, updated_at=now))

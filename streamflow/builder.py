@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,10 +92,10 @@ class Workflow:
     @classmethod
     def new(cls, name: str, workflow_context: dict[str, Any] | None = None) -> Workflow:
         context = {} if workflow_context is None else workflow_context
-        try:
+        # Copied so later changes to the caller's dict do not reach the definition; a
+        # value that cannot be copied cannot be stored either, and validation says so.
+        with contextlib.suppress(Exception):
             context = copy.deepcopy(context)
-        except Exception:  # noqa: BLE001 - validation reports what cannot be stored
-            pass
         return cls(name=name, workflow_context=context)
 
     def add(self, name: str, job: JobSpec, deps: Iterable[str | Dep] | str | Dep = ()) -> Workflow:
@@ -138,8 +139,11 @@ class Workflow:
             context=self.workflow_context,
             steps=tuple(
                 StepDefinition(
-                    name=s.name, worker=s.job.worker, queue=s.job.queue,
-                    args=_encode(s.job.args, []), max_attempts=s.job.max_attempts,
+                    name=s.name,
+                    worker=s.job.worker,
+                    queue=s.job.queue,
+                    args=_encode(s.job.args, []),
+                    max_attempts=s.job.max_attempts,
                     priority=s.job.priority,
                     deps=tuple((d.step, EdgePolicy(d.policy)) for d in s.deps),
                 )
@@ -203,7 +207,12 @@ def _shape(s: StepSpec) -> StepShape:
     refs: list[str] = []
     encoded = _encode(s.job.args, refs)
     return StepShape(
-        name=s.name, deps=[d.step for d in s.deps], references=refs, encoded_args=encoded,
-        queue=s.job.queue, max_attempts=s.job.max_attempts, priority=s.job.priority,
+        name=s.name,
+        deps=[d.step for d in s.deps],
+        references=refs,
+        encoded_args=encoded,
+        queue=s.job.queue,
+        max_attempts=s.job.max_attempts,
+        priority=s.job.priority,
         worker=s.job.worker,
     )

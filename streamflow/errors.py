@@ -46,5 +46,6 @@ class WorkflowValidationError(ValueError):
         self.errors = list(errors)
         lines = "\n".join(f"  - {e}" for e in self.errors)
         count = len(self.errors)
-        super().__init__(f"workflow is invalid ({count} problem{'s' if count != 1 else ''}):\n"
-                         f"{lines}")
+        super().__init__(
+            f"workflow is invalid ({count} problem{'s' if count != 1 else ''}):\n{lines}"
+        )

@@ -34,31 +34,53 @@ class StepShape:
 def validate(name: Any, context: Any, steps: Sequence[StepShape]) -> list[ValidationIssue]:
     issues: list[ValidationIssue] = []
     if not _good_name(name):
-        issues.append(ValidationIssue("invalid_name", None,
-                                      f"workflow name must be a non-empty string of at most "
-                                      f"{MAX_NAME} characters, got {name!r}"))
+        issues.append(
+            ValidationIssue(
+                "invalid_name",
+                None,
+                f"workflow name must be a non-empty string of at most "
+                f"{MAX_NAME} characters, got {name!r}",
+            )
+        )
     if not isinstance(context, dict):
-        issues.append(ValidationIssue("not_json_safe", None,
-                                      f"workflow_context must be a dict, got "
-                                      f"{type(context).__name__}"))
+        issues.append(
+            ValidationIssue(
+                "not_json_safe",
+                None,
+                f"workflow_context must be a dict, got {type(context).__name__}",
+            )
+        )
     else:
         for p in json_problems(context, "workflow_context"):
             issues.append(ValidationIssue("not_json_safe", None, p))
     if not steps:
-        issues.append(ValidationIssue("empty_workflow", None, "the workflow has no steps; "
-                                      "add at least one with .add(name, Worker.new(...))"))
+        issues.append(
+            ValidationIssue(
+                "empty_workflow",
+                None,
+                "the workflow has no steps; add at least one with .add(name, Worker.new(...))",
+            )
+        )
 
     names = [s.name for s in steps]
     seen: set[Any] = set()
     for s in steps:
         if not _good_name(s.name):
-            issues.append(ValidationIssue("invalid_name", _as_step(s.name),
-                                          f"step names must be non-empty strings of at most "
-                                          f"{MAX_NAME} characters, got {s.name!r}"))
+            issues.append(
+                ValidationIssue(
+                    "invalid_name",
+                    _as_step(s.name),
+                    f"step names must be non-empty strings of at most "
+                    f"{MAX_NAME} characters, got {s.name!r}",
+                )
+            )
             continue
         if s.name in seen:
-            issues.append(ValidationIssue("duplicate_step", s.name,
-                                          f"step {s.name!r} is added more than once"))
+            issues.append(
+                ValidationIssue(
+                    "duplicate_step", s.name, f"step {s.name!r} is added more than once"
+                )
+            )
         seen.add(s.name)
 
     known = {n for n in names if _good_name(n)}
@@ -84,19 +106,27 @@ def _as_step(name: Any) -> str | None:
 
 def _job_issues(s: StepShape) -> Iterable[ValidationIssue]:
     if not isinstance(s.worker, str) or ":" not in s.worker:
-        yield ValidationIssue("invalid_job", s.name, f"worker must be an import path "
-                              f"'module:Class', got {s.worker!r}")
+        yield ValidationIssue(
+            "invalid_job", s.name, f"worker must be an import path 'module:Class', got {s.worker!r}"
+        )
     if not isinstance(s.queue, str) or not s.queue or len(s.queue) > 100:
-        yield ValidationIssue("invalid_job", s.name, f"queue must be a non-empty string of at "
-                              f"most 100 characters, got {s.queue!r}")
-    if isinstance(s.max_attempts, bool) or not isinstance(s.max_attempts, int) or (
-        s.max_attempts < 1
+        yield ValidationIssue(
+            "invalid_job",
+            s.name,
+            f"queue must be a non-empty string of at most 100 characters, got {s.queue!r}",
+        )
+    if (
+        isinstance(s.max_attempts, bool)
+        or not isinstance(s.max_attempts, int)
+        or (s.max_attempts < 1)
     ):
-        yield ValidationIssue("invalid_job", s.name,
-                              f"max_attempts must be an integer >= 1, got {s.max_attempts!r}")
+        yield ValidationIssue(
+            "invalid_job", s.name, f"max_attempts must be an integer >= 1, got {s.max_attempts!r}"
+        )
     if isinstance(s.priority, bool) or not isinstance(s.priority, int):
-        yield ValidationIssue("invalid_job", s.name,
-                              f"priority must be an integer, got {s.priority!r}")
+        yield ValidationIssue(
+            "invalid_job", s.name, f"priority must be an integer, got {s.priority!r}"
+        )
 
 
 def _dependency_issues(s: StepShape, known: set[str]) -> Iterable[ValidationIssue]:
@@ -105,16 +135,21 @@ def _dependency_issues(s: StepShape, known: set[str]) -> Iterable[ValidationIssu
         if dep == s.name:
             yield ValidationIssue("self_loop", s.name, f"step {s.name!r} depends on itself")
         elif dep not in known:
-            yield ValidationIssue("missing_dependency", s.name,
-                                  f"depends on {dep!r}, which is not a step of this workflow")
+            yield ValidationIssue(
+                "missing_dependency",
+                s.name,
+                f"depends on {dep!r}, which is not a step of this workflow",
+            )
         if dep in listed:
-            yield ValidationIssue("duplicate_dependency", s.name,
-                                  f"lists dependency {dep!r} more than once")
+            yield ValidationIssue(
+                "duplicate_dependency", s.name, f"lists dependency {dep!r} more than once"
+            )
         listed.add(dep)
     for ref in dict.fromkeys(s.references):
         if ref not in listed:
             yield ValidationIssue(
-                "missing_dependency", s.name,
+                "missing_dependency",
+                s.name,
                 f"uses Workflow.result({ref!r}) but {ref!r} is not one of its deps; "
                 f"add deps=[{ref!r}, ...] so the result exists before the step runs",
             )
@@ -135,10 +170,13 @@ def _cycles(steps: Sequence[StepShape], known: set[str]) -> list[ValidationIssue
     for component in _strongly_connected(graph):
         if len(component) > 1:
             members = sorted(component, key=order.__getitem__)
-            issues.append(ValidationIssue(
-                "cycle", members[0],
-                "dependency cycle through " + " -> ".join(repr(m) for m in members),
-            ))
+            issues.append(
+                ValidationIssue(
+                    "cycle",
+                    members[0],
+                    "dependency cycle through " + " -> ".join(repr(m) for m in members),
+                )
+            )
     return issues
 
 

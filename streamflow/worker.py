@@ -72,6 +72,6 @@ class Worker:
             raise ValueError(f"priority must be an integer, got {priority!r}")
         try:
             args = copy.deepcopy(args)
-        except Exception:  # noqa: BLE001 - uncopyable values are reported by validation
+        except Exception:  # an uncopyable value cannot be stored; validation reports it
             args = dict(args)
         return JobSpec(cls.import_path(), args, queue, max_attempts, priority)

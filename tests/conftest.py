@@ -44,7 +44,7 @@ def postgres_url() -> Iterator[str]:
     try:
         with admin.connect() as conn:
             conn.execute(text("select 1"))
-    except Exception as exc:  # noqa: BLE001 - any failure to connect means "no server"
+    except Exception as exc:
         admin.dispose()
         message = f"PostgreSQL not reachable at {admin_url.render_as_string()}: {exc}"
         if os.environ.get("CI") == "true":

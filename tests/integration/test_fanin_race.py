@@ -44,8 +44,9 @@ def race(engine: Engine, calls: list[Callable[[], CompletionResult]]) -> list[Co
         return [f.result(timeout=30) for f in futures]
 
 
-def completer(engine: Engine, wid: str, step: str, status: str = "completed",
-              payload: Any = None) -> Callable[[], CompletionResult]:
+def completer(
+    engine: Engine, wid: str, step: str, status: str = "completed", payload: Any = None
+) -> Callable[[], CompletionResult]:
     return lambda: Workflow.complete_step(engine, wid, step, status=status, payload=payload)
 
 
@@ -54,8 +55,13 @@ def test_two_parents_release_the_join_exactly_once(pg_engine: Engine) -> None:
     for i in range(300):
         wid = Workflow.insert(fan_in(2), pg_engine).id
         Workflow.complete_step(pg_engine, wid, "root", status="completed")
-        results = race(pg_engine, [completer(pg_engine, wid, "p0", payload=i),
-                                   completer(pg_engine, wid, "p1", payload=-i)])
+        results = race(
+            pg_engine,
+            [
+                completer(pg_engine, wid, "p0", payload=i),
+                completer(pg_engine, wid, "p1", payload=-i),
+            ],
+        )
         released = [s for r in results for s in r.released]
         assert released == ["join"], f"iteration {i}: released {released}"
         wf = Workflow.get(pg_engine, wid)
@@ -76,8 +82,9 @@ def test_racing_failure_and_completion_cancel_the_join_exactly_once(pg_engine: E
     for _ in range(100):
         wid = Workflow.insert(fan_in(2), pg_engine).id
         Workflow.complete_step(pg_engine, wid, "root", status="completed")
-        results = race(pg_engine, [completer(pg_engine, wid, "p0", "failed"),
-                                   completer(pg_engine, wid, "p1")])
+        results = race(
+            pg_engine, [completer(pg_engine, wid, "p0", "failed"), completer(pg_engine, wid, "p1")]
+        )
         assert [s for r in results for s in r.cancelled] == ["join"]
         assert [s for r in results for s in r.released] == []
         wf = Workflow.get(pg_engine, wid)
@@ -88,8 +95,9 @@ def test_racing_failure_and_completion_cancel_the_join_exactly_once(pg_engine: E
 def test_racing_duplicates_store_one_result(pg_engine: Engine) -> None:
     for _ in range(100):
         wid = Workflow.insert(fan_in(1), pg_engine).id
-        results = race(pg_engine, [completer(pg_engine, wid, "root", payload={"v": 1})
-                                   for _ in range(4)])
+        results = race(
+            pg_engine, [completer(pg_engine, wid, "root", payload={"v": 1}) for _ in range(4)]
+        )
         kinds = sorted(r.classification.value for r in results)
         assert kinds == ["applied", "duplicate", "duplicate", "duplicate"]
         assert [s for r in results for s in r.released] == ["p0"]

@@ -78,7 +78,8 @@ def test_downgrade_to_base_and_up_again(empty_engine: Engine) -> None:
     with empty_engine.begin() as conn:
         command.downgrade(alembic_config(conn), "base")
     assert not {tbl.name for tbl in t.metadata.sorted_tables} & set(
-        inspect(empty_engine).get_table_names())
+        inspect(empty_engine).get_table_names()
+    )
     upgrade(empty_engine)
     with empty_engine.connect() as conn:
         assert current_revision(conn) == head_revision()

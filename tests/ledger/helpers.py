@@ -17,10 +17,15 @@ def states(engine: Engine, workflow_id: str) -> dict[str, str]:
 def evidence(engine: Engine, workflow_id: str) -> list[dict[str, Any]]:
     e = t.evidence
     with engine.connect() as conn:
-        rows = conn.execute(
-            select(e.c.step, e.c.classification, e.c.status, e.c.reason)
-            .where(e.c.workflow_id == workflow_id).order_by(e.c.id)
-        ).mappings().all()
+        rows = (
+            conn.execute(
+                select(e.c.step, e.c.classification, e.c.status, e.c.reason)
+                .where(e.c.workflow_id == workflow_id)
+                .order_by(e.c.id)
+            )
+            .mappings()
+            .all()
+        )
     return [dict(r) for r in rows]
 
 

@@ -37,9 +37,11 @@ def done(engine: Engine, wid: str, step: str, payload: Any = None) -> Any:
 
 def table_count(engine: Engine, table: Any, wid: str) -> int:
     with engine.connect() as conn:
-        return int(conn.execute(
-            select(func.count()).select_from(table).where(table.c.workflow_id == wid)
-        ).scalar_one())
+        return int(
+            conn.execute(
+                select(func.count()).select_from(table).where(table.c.workflow_id == wid)
+            ).scalar_one()
+        )
 
 
 # -- completed -------------------------------------------------------------------------------
@@ -56,10 +58,17 @@ def test_completed_stores_the_payload_and_releases_the_child(engine: Engine) -> 
 
 
 def test_fan_in_releases_only_when_every_parent_is_done(engine: Engine) -> None:
-    wf = (Workflow.new("fan").add("root", Noop.new())
-          .add("x", Noop.new(), deps=["root"]).add("y", Noop.new(), deps=["root"])
-          .add("join", Noop.new({"x": Workflow.result("x"), "y": Workflow.result("y")}),
-               deps=["x", "y"]))
+    wf = (
+        Workflow.new("fan")
+        .add("root", Noop.new())
+        .add("x", Noop.new(), deps=["root"])
+        .add("y", Noop.new(), deps=["root"])
+        .add(
+            "join",
+            Noop.new({"x": Workflow.result("x"), "y": Workflow.result("y")}),
+            deps=["x", "y"],
+        )
+    )
     wid = Workflow.insert(wf, engine).id
     assert done(engine, wid, "root", 0).released == ("x", "y")
     assert done(engine, wid, "x", 1).released == ()
@@ -76,8 +85,11 @@ def test_fan_in_releases_only_when_every_parent_is_done(engine: Engine) -> None:
 def test_placeholders_resolve_to_stored_payloads(engine: Engine) -> None:
     from ledger.placeholders import resolve
 
-    wf = (Workflow.new("w").add("a", Noop.new())
-          .add("b", Noop.new({"customer": Workflow.result("a"), "n": 1}), deps=["a"]))
+    wf = (
+        Workflow.new("w")
+        .add("a", Noop.new())
+        .add("b", Noop.new({"customer": Workflow.result("a"), "n": 1}), deps=["a"])
+    )
     wid = Workflow.insert(wf, engine).id
     done(engine, wid, "a", {"customer_id": 7})
     args = Workflow.get(engine, wid).steps["b"].args
@@ -143,11 +155,18 @@ def test_failure_cascades_through_cancel_edges_recursively(engine: Engine) -> No
     assert r.cancelled == ("c", "d")
     assert r.workflow_outcome == "failed"
     wf = Workflow.get(engine, wid)
-    assert states(engine, wid) == {"a": "completed", "b": "failed", "c": "cancelled",
-                                   "d": "cancelled"}
+    assert states(engine, wid) == {
+        "a": "completed",
+        "b": "failed",
+        "c": "cancelled",
+        "d": "cancelled",
+    }
     c, d = wf.steps["c"], wf.steps["d"]
     assert (c.cancelled_by_step, c.cancel_root_step, c.terminal_cause) == (
-        "b", "b", "cancelled_by_dependency")
+        "b",
+        "b",
+        "cancelled_by_dependency",
+    )
     assert (d.cancelled_by_step, d.cancel_root_step) == ("c", "b")
     assert wf.counters.as_dict() == recount(engine, wid)
     assert (wf.state, wf.outcome) == ("finished", "failed")
@@ -155,26 +174,39 @@ def test_failure_cascades_through_cancel_edges_recursively(engine: Engine) -> No
 
 @pytest.mark.parametrize("status", ["failed", "cancelled"])
 def test_continue_edge_counts_a_terminal_parent_as_satisfied(engine: Engine, status: str) -> None:
-    wf = (Workflow.new("w").add("work", Noop.new())
-          .add("after", Noop.new(), deps=["work"])
-          .add("cleanup", Noop.new(), deps=[Dep("work", policy="continue")])
-          .add("report", Noop.new(), deps=[Dep("after", policy="continue")]))
+    wf = (
+        Workflow.new("w")
+        .add("work", Noop.new())
+        .add("after", Noop.new(), deps=["work"])
+        .add("cleanup", Noop.new(), deps=[Dep("work", policy="continue")])
+        .add("report", Noop.new(), deps=[Dep("after", policy="continue")])
+    )
     wid = Workflow.insert(wf, engine).id
     r = Workflow.complete_step(engine, wid, "work", status=status)
     # `after` is cancelled through its cancel edge; both continue edges are satisfied, so
     # cleanup (after work) and report (after the cancelled `after`) are released.
     assert r.cancelled == ("after",)
     assert set(r.released) == {"cleanup", "report"}
-    assert states(engine, wid) == {"work": status, "after": "cancelled",
-                                   "cleanup": "available", "report": "available"}
+    assert states(engine, wid) == {
+        "work": status,
+        "after": "cancelled",
+        "cleanup": "available",
+        "report": "available",
+    }
 
 
 def test_continue_edge_with_missing_result_resolves_to_none(engine: Engine) -> None:
     from ledger.placeholders import resolve
 
-    wf = (Workflow.new("w").add("work", Noop.new())
-          .add("cleanup", Noop.new({"r": Workflow.result("work")}),
-               deps=[Dep("work", policy="continue")]))
+    wf = (
+        Workflow.new("w")
+        .add("work", Noop.new())
+        .add(
+            "cleanup",
+            Noop.new({"r": Workflow.result("work")}),
+            deps=[Dep("work", policy="continue")],
+        )
+    )
     wid = Workflow.insert(wf, engine).id
     Workflow.complete_step(engine, wid, "work", status="failed")
     args = Workflow.get(engine, wid).steps["cleanup"].args
@@ -182,8 +214,12 @@ def test_continue_edge_with_missing_result_resolves_to_none(engine: Engine) -> N
 
 
 def test_one_cancel_edge_wins_over_other_satisfied_parents(engine: Engine) -> None:
-    wf = (Workflow.new("w").add("a", Noop.new()).add("b", Noop.new())
-          .add("join", Noop.new(), deps=[Dep("a", "continue"), "b"]))
+    wf = (
+        Workflow.new("w")
+        .add("a", Noop.new())
+        .add("b", Noop.new())
+        .add("join", Noop.new(), deps=[Dep("a", "continue"), "b"])
+    )
     wid = Workflow.insert(wf, engine).id
     Workflow.complete_step(engine, wid, "a", status="failed")
     assert states(engine, wid)["join"] == "pending"
@@ -213,16 +249,20 @@ def test_repeated_completion_is_a_duplicate_and_changes_nothing(engine: Engine) 
     assert after.steps == before.steps and after.counters == before.counters
     assert table_count(engine, t.results, wid) == 1
     assert table_count(engine, t.attempts, wid) == 1
-    assert evidence(engine, wid) == [{"step": "a", "classification": "duplicate",
-                                      "status": "completed", "reason": None}]
+    assert evidence(engine, wid) == [
+        {"step": "a", "classification": "duplicate", "status": "completed", "reason": None}
+    ]
 
 
-@pytest.mark.parametrize(("first", "second", "payload2"), [
-    ("completed", "completed", {"v": 2}),
-    ("completed", "failed", {"v": 1}),
-    ("failed", "completed", {"v": 1}),
-    ("completed", "retryable", {"v": 1}),
-])
+@pytest.mark.parametrize(
+    ("first", "second", "payload2"),
+    [
+        ("completed", "completed", {"v": 2}),
+        ("completed", "failed", {"v": 1}),
+        ("failed", "completed", {"v": 1}),
+        ("completed", "retryable", {"v": 1}),
+    ],
+)
 def test_conflicting_outcome_is_ambiguous_and_the_first_stands(
     engine: Engine, first: str, second: str, payload2: Any
 ) -> None:
@@ -266,16 +306,25 @@ def test_stale_attempt_from_a_revoked_worker_is_late(engine: Engine) -> None:
 # -- mistakes raise and write nothing -----------------------------------------------------------
 
 
-@pytest.mark.parametrize(("kwargs", "error", "match"), [
-    ({"step": "a", "status": "done"}, InvalidCompletionError, "unknown status 'done'"),
-    ({"step": "a", "status": "completed", "payload": {"t": {1}}}, InvalidCompletionError,
-     r"payload\.t"),
-    ({"step": "a", "status": "completed", "payload": float("nan")}, InvalidCompletionError,
-     "NaN"),
-    ({"step": "ghost", "status": "completed"}, StepNotFoundError, "has no step 'ghost'"),
-    ({"step": "b", "status": "completed"}, InvalidCompletionError, "is pending"),
-    ({"step": "b", "status": "failed"}, InvalidCompletionError, "is pending"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"step": "a", "status": "done"}, InvalidCompletionError, "unknown status 'done'"),
+        (
+            {"step": "a", "status": "completed", "payload": {"t": {1}}},
+            InvalidCompletionError,
+            r"payload\.t",
+        ),
+        (
+            {"step": "a", "status": "completed", "payload": float("nan")},
+            InvalidCompletionError,
+            "NaN",
+        ),
+        ({"step": "ghost", "status": "completed"}, StepNotFoundError, "has no step 'ghost'"),
+        ({"step": "b", "status": "completed"}, InvalidCompletionError, "is pending"),
+        ({"step": "b", "status": "failed"}, InvalidCompletionError, "is pending"),
+    ],
+)
 def test_mistakes_raise_and_write_nothing(
     engine: Engine, kwargs: dict[str, Any], error: type[Exception], match: str
 ) -> None:
@@ -301,11 +350,10 @@ def test_errors_are_value_or_lookup_errors() -> None:
 
 def test_complete_in_the_callers_transaction_rolls_back_with_it(engine: Engine) -> None:
     wid = Workflow.insert(chain("a", "b"), engine).id
-    with engine.connect() as conn:
-        with conn.begin() as tx:
-            r = Workflow.complete_step(conn, wid, "a", status="completed", payload=1)
-            assert r.released == ("b",)
-            tx.rollback()
+    with engine.connect() as conn, conn.begin() as tx:
+        r = Workflow.complete_step(conn, wid, "a", status="completed", payload=1)
+        assert r.released == ("b",)
+        tx.rollback()
     assert states(engine, wid) == {"a": "available", "b": "pending"}
     assert Workflow.results(engine, wid) == {}
 
@@ -325,7 +373,8 @@ def test_cancelled_step_makes_the_outcome_failed(engine: Engine) -> None:
     wid = Workflow.insert(wf, engine).id
     done(engine, wid, "a")
     assert Workflow.complete_step(engine, wid, "b", status="cancelled").workflow_outcome == (
-        "failed")
+        "failed"
+    )
 
 
 def test_timestamps_are_utc(engine: Engine) -> None:

@@ -16,8 +16,11 @@ def sync_customer() -> Workflow:
     return (
         Workflow.new("sync_customer", workflow_context={"account_id": 42})
         .add("fetch_customer", Noop.new({"account_id": 42}))
-        .add("sync_billing", Noop.new({"customer": Workflow.result("fetch_customer")}),
-             deps=["fetch_customer"])
+        .add(
+            "sync_billing",
+            Noop.new({"customer": Workflow.result("fetch_customer")}),
+            deps=["fetch_customer"],
+        )
         .add("cleanup", Noop.new(), deps=[Dep("sync_billing", policy="continue")])
     )
 
@@ -32,9 +35,15 @@ def test_waiting_on_dependencies(engine: Engine) -> None:
     report = Explain.workflow_step(wid, "sync_billing", repo=engine)
     assert (report.label, report.state) == ("Waiting", "pending")
     assert report.blocker_codes == ["waiting_on_dependencies"]
-    assert [d.to_dict() for d in report.dependencies] == [{
-        "step": "fetch_customer", "state": "available", "policy": "cancel",
-        "satisfied": False, "has_result": False}]
+    assert [d.to_dict() for d in report.dependencies] == [
+        {
+            "step": "fetch_customer",
+            "state": "available",
+            "policy": "cancel",
+            "satisfied": False,
+            "has_result": False,
+        }
+    ]
     assert "fetch_customer" in report.reason
     assert json.loads(json.dumps(report.to_dict()))["label"] == "Waiting"
 
@@ -48,9 +57,11 @@ def test_runnable_running_done(engine: Engine) -> None:
     deps = Explain.workflow_step(wid, "sync_billing", repo=engine).dependencies
     assert (deps[0].satisfied, deps[0].has_result) == (True, True)
     with engine.begin() as conn:
-        conn.execute(update(t.steps).where(t.steps.c.workflow_id == wid,
-                                           t.steps.c.name == "sync_billing")
-                     .values(state="executing", attempt=1))
+        conn.execute(
+            update(t.steps)
+            .where(t.steps.c.workflow_id == wid, t.steps.c.name == "sync_billing")
+            .values(state="executing", attempt=1)
+        )
     assert explain(engine, wid, "sync_billing") == ("Running", "executing", [])
 
 
@@ -59,12 +70,18 @@ def test_waiting_on_a_retryable_dependency(engine: Engine) -> None:
     Workflow.complete_step(engine, wid, "fetch_customer", status="retryable", payload={"e": 1})
     assert explain(engine, wid, "fetch_customer") == ("Waiting", "retryable", ["retry_scheduled"])
     assert explain(engine, wid, "sync_billing") == (
-        "Waiting", "pending", ["waiting_on_retryable_dependency"])
+        "Waiting",
+        "pending",
+        ["waiting_on_retryable_dependency"],
+    )
 
 
 def test_cancelled_by_dependency_names_the_cause(engine: Engine) -> None:
-    wf = sync_customer().add("notify", Noop.new(), deps=["sync_billing"]).add(
-        "audit", Noop.new(), deps=["notify"])
+    wf = (
+        sync_customer()
+        .add("notify", Noop.new(), deps=["sync_billing"])
+        .add("audit", Noop.new(), deps=["notify"])
+    )
     wid = Workflow.insert(wf, engine).id
     Workflow.complete_step(engine, wid, "fetch_customer", status="failed")
     report = Explain.workflow_step(wid, "audit", repo=engine)
@@ -83,7 +100,10 @@ def test_ambiguous_outcome_needs_review(engine: Engine) -> None:
     Workflow.complete_step(engine, wid, "fetch_customer", status="completed", payload={"id": 2})
     report = Explain.workflow_step(wid, "fetch_customer", repo=engine)
     assert (report.label, report.state, report.blocker_codes) == (
-        "Needs Review", "completed", ["ambiguous_outcome"])
+        "Needs Review",
+        "completed",
+        ["ambiguous_outcome"],
+    )
     assert report.needs_review
 
 
@@ -92,11 +112,16 @@ def test_release_not_applied_is_blocked(engine: Engine) -> None:
     wid = Workflow.insert(sync_customer(), engine).id
     created = Workflow.get(engine, wid).created_at
     with engine.begin() as conn:
-        conn.execute(update(t.steps).where(t.steps.c.workflow_id == wid,
-                                           t.steps.c.name == "fetch_customer")
-                     .values(state="completed"))
-        conn.execute(t.results.insert().values(
-            workflow_id=wid, step="fetch_customer", attempt=1, payload=1, recorded_at=created))
+        conn.execute(
+            update(t.steps)
+            .where(t.steps.c.workflow_id == wid, t.steps.c.name == "fetch_customer")
+            .values(state="completed")
+        )
+        conn.execute(
+            t.results.insert().values(
+                workflow_id=wid, step="fetch_customer", attempt=1, payload=1, recorded_at=created
+            )
+        )
     assert explain(engine, wid, "sync_billing") == ("Blocked", "pending", ["release_not_applied"])
 
 
@@ -106,7 +131,10 @@ def test_missing_dependency_result_is_blocked(engine: Engine) -> None:
     with engine.begin() as conn:
         conn.execute(delete(t.results).where(t.results.c.workflow_id == wid))
     assert explain(engine, wid, "sync_billing") == (
-        "Blocked", "available", ["missing_dependency_result"])
+        "Blocked",
+        "available",
+        ["missing_dependency_result"],
+    )
 
 
 def test_unknown_ids_raise(engine: Engine) -> None:

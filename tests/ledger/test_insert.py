@@ -15,9 +15,11 @@ def customer_sync() -> Workflow:
     return (
         Workflow.new("sync_customer", workflow_context={"account_id": 42, "label": "Customer"})
         .add("fetch_customer", Noop.new({"account_id": 42}))
-        .add("sync_billing", Emails.new({"account_id": 42,
-                                         "customer": Workflow.result("fetch_customer")}),
-             deps=["fetch_customer"])
+        .add(
+            "sync_billing",
+            Emails.new({"account_id": 42, "customer": Workflow.result("fetch_customer")}),
+            deps=["fetch_customer"],
+        )
         .add("cleanup", Noop.new({}), deps=[Dep("sync_billing", policy="continue")])
     )
 
@@ -32,18 +34,25 @@ def test_insert_writes_workflow_steps_and_edges(engine: Engine) -> None:
     assert wf.state == "running" and wf.outcome is None
     assert wf.semantics_version == SEMANTICS_VERSION == 2
     assert wf.context == {"account_id": 42, "label": "Customer"}
-    assert wf.counters.as_dict() == {"pending": 2, "runnable": 1, "executing": 0,
-                                     "retryable": 0, "completed": 0, "failed": 0,
-                                     "cancelled": 0}
+    assert wf.counters.as_dict() == {
+        "pending": 2,
+        "runnable": 1,
+        "executing": 0,
+        "retryable": 0,
+        "completed": 0,
+        "failed": 0,
+        "cancelled": 0,
+    }
     assert states(engine, persisted.id) == {
-        "fetch_customer": "available", "sync_billing": "pending", "cleanup": "pending"}
+        "fetch_customer": "available",
+        "sync_billing": "pending",
+        "cleanup": "pending",
+    }
     billing = wf.steps["sync_billing"]
     assert billing.worker == "tests.workers:Emails"
     assert (billing.queue, billing.max_attempts, billing.priority) == ("emails", 5, 3)
-    assert billing.args == {"account_id": 42,
-                            "customer": {"$streamflow.result": "fetch_customer"}}
-    assert [(p, str(pol)) for p, pol in wf.steps["cleanup"].deps] == [
-        ("sync_billing", "continue")]
+    assert billing.args == {"account_id": 42, "customer": {"$streamflow.result": "fetch_customer"}}
+    assert [(p, str(pol)) for p, pol in wf.steps["cleanup"].deps] == [("sync_billing", "continue")]
 
 
 def test_ids_are_unique(engine: Engine) -> None:
@@ -52,12 +61,11 @@ def test_ids_are_unique(engine: Engine) -> None:
 
 
 def test_insert_with_a_connection_joins_the_callers_transaction(engine: Engine) -> None:
-    with engine.connect() as conn:
-        with conn.begin() as tx:
-            persisted = Workflow.insert(customer_sync(), conn)
-            # Visible inside the caller's transaction...
-            assert Workflow.get(conn, persisted.id).name == "sync_customer"
-            tx.rollback()
+    with engine.connect() as conn, conn.begin() as tx:
+        persisted = Workflow.insert(customer_sync(), conn)
+        # Visible inside the caller's transaction...
+        assert Workflow.get(conn, persisted.id).name == "sync_customer"
+        tx.rollback()
     # ...and gone with it.
     with pytest.raises(WorkflowNotFoundError):
         Workflow.get(engine, persisted.id)
@@ -66,8 +74,11 @@ def test_insert_with_a_connection_joins_the_callers_transaction(engine: Engine) 
 def test_insert_commits_with_the_callers_business_rows(engine: Engine) -> None:
     with engine.begin() as conn:
         persisted = Workflow.insert(customer_sync(), conn)
-        conn.execute(insert(t.cancel_requests).values(  # stands in for an app's own row
-            workflow_id=persisted.id, reason="business row", created_at=func.now()))
+        conn.execute(
+            insert(t.cancel_requests).values(  # stands in for an app's own row
+                workflow_id=persisted.id, reason="business row", created_at=func.now()
+            )
+        )
     assert Workflow.get(engine, persisted.id).name == "sync_customer"
 
 

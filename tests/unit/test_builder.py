@@ -46,8 +46,9 @@ def test_worker_new_copies_args() -> None:
     assert job.args == {"items": [1]}
 
 
-@pytest.mark.parametrize("bad", [{"queue": ""}, {"max_attempts": 0}, {"max_attempts": True},
-                                 {"priority": "high"}])
+@pytest.mark.parametrize(
+    "bad", [{"queue": ""}, {"max_attempts": 0}, {"max_attempts": True}, {"priority": "high"}]
+)
 def test_worker_new_rejects_bad_options(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         Noop.new({}, **bad)
@@ -78,9 +79,13 @@ def test_add_returns_a_new_workflow_and_leaves_the_original_alone() -> None:
 
 
 def test_deps_accept_names_deps_and_a_single_name() -> None:
-    wf = (Workflow.new("w").add("a", Noop.new()).add("b", Noop.new())
-          .add("c", Noop.new(), deps=["a", Dep("b", policy="continue")])
-          .add("d", Noop.new(), deps="c"))
+    wf = (
+        Workflow.new("w")
+        .add("a", Noop.new())
+        .add("b", Noop.new())
+        .add("c", Noop.new(), deps=["a", Dep("b", policy="continue")])
+        .add("d", Noop.new(), deps="c")
+    )
     assert wf.steps[2].deps == (Dep("a"), Dep("b", "continue"))
     assert wf.steps[3].deps == (Dep("c"),)
     assert wf.validate() == []
@@ -122,13 +127,15 @@ def test_self_loop() -> None:
 
 
 def test_cycle_is_reported_once_per_cycle() -> None:
-    wf = (Workflow.new("w")
-          .add("a", Noop.new(), deps=["c"])
-          .add("b", Noop.new(), deps=["a"])
-          .add("c", Noop.new(), deps=["b"])
-          .add("x", Noop.new(), deps=["y"])
-          .add("y", Noop.new(), deps=["x"])
-          .add("free", Noop.new()))
+    wf = (
+        Workflow.new("w")
+        .add("a", Noop.new(), deps=["c"])
+        .add("b", Noop.new(), deps=["a"])
+        .add("c", Noop.new(), deps=["b"])
+        .add("x", Noop.new(), deps=["y"])
+        .add("y", Noop.new(), deps=["x"])
+        .add("free", Noop.new())
+    )
     issues = wf.validate()
     assert [(i.code, i.step) for i in issues] == [("cycle", "a"), ("cycle", "x")]
     assert "'a' -> 'b' -> 'c'" in issues[0].message
@@ -141,10 +148,21 @@ def test_long_chain_validates_without_recursion() -> None:
     assert wf.validate() == []
 
 
-@pytest.mark.parametrize("value", [
-    {1, 2}, b"bytes", dt.datetime(2026, 1, 1), math.nan, math.inf, -math.inf,
-    {1: "int key"}, object(), (1, 2), Decimal("1.5"),
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        {1, 2},
+        b"bytes",
+        dt.datetime(2026, 1, 1),
+        math.nan,
+        math.inf,
+        -math.inf,
+        {1: "int key"},
+        object(),
+        (1, 2),
+        Decimal("1.5"),
+    ],
+)
 def test_not_json_safe_args(value: Any) -> None:
     wf = Workflow.new("w").add("a", Noop.new({"v": value}))
     assert codes(wf) == [("not_json_safe", "a")]
@@ -168,31 +186,45 @@ def test_plain_json_is_fine() -> None:
 
 
 def test_placeholder_must_name_a_dependency() -> None:
-    wf = (Workflow.new("w").add("a", Noop.new()).add("b", Noop.new())
-          .add("c", Noop.new({"r": Workflow.result("a"), "s": [Workflow.result("b")]}),
-               deps=["a"]))
+    wf = (
+        Workflow.new("w")
+        .add("a", Noop.new())
+        .add("b", Noop.new())
+        .add("c", Noop.new({"r": Workflow.result("a"), "s": [Workflow.result("b")]}), deps=["a"])
+    )
     issues = wf.validate()
     assert [(i.code, i.step) for i in issues] == [("missing_dependency", "c")]
     assert "Workflow.result('b')" in issues[0].message
 
 
 def test_placeholders_inside_args_are_allowed() -> None:
-    wf = (Workflow.new("w").add("a", Noop.new())
-          .add("b", Noop.new({"deep": {"list": [Workflow.result("a")]}}), deps=["a"]))
+    wf = (
+        Workflow.new("w")
+        .add("a", Noop.new())
+        .add("b", Noop.new({"deep": {"list": [Workflow.result("a")]}}), deps=["a"])
+    )
     assert wf.validate() == []
     stored = wf.definition().steps[1].args
     assert stored == {"deep": {"list": [{"$streamflow.result": "a"}]}}
 
 
 def test_every_problem_is_reported_at_once() -> None:
-    wf = (Workflow.new("w", workflow_context={"bad": {1}})
-          .add("a", Noop.new({"t": (1,)}), deps=["a"])
-          .add("a", Noop.new())
-          .add("b", Noop.new(), deps=["ghost"]))
-    assert sorted(codes(wf), key=str) == sorted([
-        ("not_json_safe", None), ("self_loop", "a"), ("not_json_safe", "a"),
-        ("duplicate_step", "a"), ("missing_dependency", "b"),
-    ], key=str)
+    wf = (
+        Workflow.new("w", workflow_context={"bad": {1}})
+        .add("a", Noop.new({"t": (1,)}), deps=["a"])
+        .add("a", Noop.new())
+        .add("b", Noop.new(), deps=["ghost"])
+    )
+    assert sorted(codes(wf), key=str) == sorted(
+        [
+            ("not_json_safe", None),
+            ("self_loop", "a"),
+            ("not_json_safe", "a"),
+            ("duplicate_step", "a"),
+            ("missing_dependency", "b"),
+        ],
+        key=str,
+    )
 
 
 def test_empty_workflow_and_bad_names() -> None:

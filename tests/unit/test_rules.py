@@ -69,14 +69,18 @@ def _all_dependency_sets(max_deps: int = 3) -> list[tuple[DependencyView, ...]]:
     return out
 
 
-@pytest.mark.parametrize("deps", _all_dependency_sets(), ids=lambda d: ",".join(
-    f"{x.state.value}/{x.policy.value}" for x in d))
+@pytest.mark.parametrize(
+    "deps",
+    _all_dependency_sets(),
+    ids=lambda d: ",".join(f"{x.state.value}/{x.policy.value}" for x in d),
+)
 def test_decide_child_over_every_dependency_combination(
     deps: tuple[DependencyView, ...],
 ) -> None:
     decision = decide_child(deps)
     cancelling = [
-        d for d in deps
+        d
+        for d in deps
         if d.policy is EdgePolicy.CANCEL and d.state in (StepState.FAILED, StepState.CANCELLED)
     ]
     if cancelling:
@@ -126,7 +130,9 @@ def rec(attempt: int, status: CompletionStatus, payload: object = None) -> Recor
 @pytest.mark.parametrize("state", [StepState.AVAILABLE, StepState.EXECUTING, StepState.RETRYABLE])
 @pytest.mark.parametrize("status", ALL_STATUSES)
 def test_runnable_states_apply_any_status(state: StepState, status: CompletionStatus) -> None:
-    history = {1: rec(1, CompletionStatus.RETRYABLE, {"e": 1})} if state is StepState.RETRYABLE else {}
+    history = (
+        {1: rec(1, CompletionStatus.RETRYABLE, {"e": 1})} if state is StepState.RETRYABLE else {}
+    )
     d = classify_completion(snap(state, attempt=1, max_attempts=5), history, status, {"x": 2})
     assert d.classification is Classification.APPLIED
     assert d.status is status
@@ -141,8 +147,9 @@ def test_available_step_never_attempted_records_attempt_one() -> None:
     assert d.record_attempt == 1
 
 
-@pytest.mark.parametrize("status", [CompletionStatus.COMPLETED, CompletionStatus.FAILED,
-                                    CompletionStatus.RETRYABLE])
+@pytest.mark.parametrize(
+    "status", [CompletionStatus.COMPLETED, CompletionStatus.FAILED, CompletionStatus.RETRYABLE]
+)
 def test_pending_step_cannot_be_completed(status: CompletionStatus) -> None:
     d = classify_completion(snap(StepState.PENDING, attempt=0), {}, status, None)
     assert d.classification is Classification.REJECTED
@@ -150,14 +157,19 @@ def test_pending_step_cannot_be_completed(status: CompletionStatus) -> None:
 
 
 def test_pending_step_can_be_cancelled() -> None:
-    d = classify_completion(snap(StepState.PENDING, attempt=0), {}, CompletionStatus.CANCELLED, None)
+    d = classify_completion(
+        snap(StepState.PENDING, attempt=0), {}, CompletionStatus.CANCELLED, None
+    )
     assert d.classification is Classification.APPLIED
     assert d.status is CompletionStatus.CANCELLED
 
 
 def test_retryable_on_last_attempt_becomes_failed() -> None:
     d = classify_completion(
-        snap(StepState.EXECUTING, attempt=3, max_attempts=3), {}, CompletionStatus.RETRYABLE, {"e": 1}
+        snap(StepState.EXECUTING, attempt=3, max_attempts=3),
+        {},
+        CompletionStatus.RETRYABLE,
+        {"e": 1},
     )
     assert d.classification is Classification.APPLIED
     assert d.status is CompletionStatus.FAILED
@@ -183,8 +195,10 @@ def test_repeated_retryable_with_same_payload_is_duplicate() -> None:
 def test_retryable_with_new_payload_is_a_new_attempt() -> None:
     history = {2: rec(2, CompletionStatus.RETRYABLE, {"e": "boom"})}
     d = classify_completion(
-        snap(StepState.RETRYABLE, attempt=2, max_attempts=5), history,
-        CompletionStatus.RETRYABLE, {"e": "other"},
+        snap(StepState.RETRYABLE, attempt=2, max_attempts=5),
+        history,
+        CompletionStatus.RETRYABLE,
+        {"e": "other"},
     )
     assert d.classification is Classification.APPLIED
     assert d.record_attempt == 3
@@ -240,8 +254,9 @@ def test_json_equal_payloads_are_duplicates() -> None:
 
 
 def test_current_attempt_applies() -> None:
-    d = classify_completion(snap(StepState.EXECUTING, attempt=2), {}, CompletionStatus.COMPLETED,
-                            1, attempt=2)
+    d = classify_completion(
+        snap(StepState.EXECUTING, attempt=2), {}, CompletionStatus.COMPLETED, 1, attempt=2
+    )
     assert d.classification is Classification.APPLIED
     assert d.record_attempt == 2
 
@@ -259,14 +274,16 @@ def test_stale_attempt_is_late_unless_it_repeats_its_record(state: StepState) ->
 def test_completion_of_a_revoked_lease_is_late() -> None:
     # The lease of attempt 2 expired and the step went back to `available`: the old
     # worker's completion must not count.
-    d = classify_completion(snap(StepState.AVAILABLE, attempt=2), {}, CompletionStatus.COMPLETED,
-                            1, attempt=2)
+    d = classify_completion(
+        snap(StepState.AVAILABLE, attempt=2), {}, CompletionStatus.COMPLETED, 1, attempt=2
+    )
     assert d.classification is Classification.LATE
 
 
 def test_attempt_never_started_is_rejected() -> None:
-    d = classify_completion(snap(StepState.EXECUTING, attempt=2), {}, CompletionStatus.COMPLETED,
-                            1, attempt=3)
+    d = classify_completion(
+        snap(StepState.EXECUTING, attempt=2), {}, CompletionStatus.COMPLETED, 1, attempt=3
+    )
     assert d.classification is Classification.REJECTED
     assert d.reason == "attempt_not_started"
 
