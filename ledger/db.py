@@ -108,7 +108,7 @@ def lock_workflow(conn: Connection, workflow_id: str) -> dict[str, Any]:
     """
     w = t.workflows
     if conn.dialect.name == "sqlite":
-        conn.execute(update(w).where(w.c.id == workflow_id).values(id=w.c.id))
+        conn.execute(update(w).where(w.c.id == workflow_id).values(updated_at=w.c.updated_at))
         row = conn.execute(select(w).where(w.c.id == workflow_id)).mappings().first()
     else:
         row = (

@@ -127,8 +127,19 @@ class StepSnapshot:
 @dataclass(frozen=True, slots=True)
 class RecordedAttempt:
     attempt: int
+    #: The status recorded.
     status: CompletionStatus
     payload: Any
+    #: Why the recorded status differs from the reported one (attempts_exhausted).
+    reason: str | None = None
+
+    @property
+    def reported_status(self) -> CompletionStatus:
+        """The status the caller reported: a retryable on the last attempt is recorded
+        as failed, and a repeat of that report is the same event."""
+        if self.reason == "attempts_exhausted":
+            return CompletionStatus.RETRYABLE
+        return self.status
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +174,11 @@ def _integral_floats_to_int(value: Any) -> Any:
 
 
 def _same(record: RecordedAttempt | None, status: CompletionStatus, payload: Any) -> bool:
-    return record is not None and record.status is status and json_equal(record.payload, payload)
+    return (
+        record is not None
+        and status in (record.status, record.reported_status)
+        and json_equal(record.payload, payload)
+    )
 
 
 def classify_completion(

@@ -274,12 +274,13 @@ def _step_row(conn: Connection, workflow_id: str, step: str) -> dict[str, Any]:
 def _history(conn: Connection, workflow_id: str, step: str) -> dict[int, RecordedAttempt]:
     a = t.attempts
     rows = conn.execute(
-        select(a.c.attempt, a.c.status, a.c.payload).where(
+        select(a.c.attempt, a.c.status, a.c.payload, a.c.reason).where(
             a.c.workflow_id == workflow_id, a.c.step == step
         )
     ).all()
     return {
-        r.attempt: RecordedAttempt(r.attempt, CompletionStatus(r.status), r.payload) for r in rows
+        r.attempt: RecordedAttempt(r.attempt, CompletionStatus(r.status), r.payload, r.reason)
+        for r in rows
     }
 
 

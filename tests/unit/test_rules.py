@@ -326,3 +326,19 @@ def test_retry_delay_grows_exponentially_and_is_capped() -> None:
 def test_retry_delay_jitter_stays_within_its_fraction(unit: float) -> None:
     d = retry_delay_seconds(3, base=1.0, cap=60.0, jitter=0.25, unit_random=unit)
     assert 4.0 * 0.75 <= d <= 4.0 * 1.25
+
+
+def test_repeated_retryable_after_exhaustion_is_a_duplicate_not_a_conflict() -> None:
+    # The last attempt's `retryable` was recorded as `failed`; the same report delivered
+    # again is the same event, not a conflicting outcome (found by the stateful test).
+    history = {
+        1: RecordedAttempt(1, CompletionStatus.FAILED, {"e": 1}, reason="attempts_exhausted")
+    }
+    s = snap(StepState.FAILED, attempt=1, max_attempts=1)
+    same = classify_completion(s, history, CompletionStatus.RETRYABLE, {"e": 1})
+    other = classify_completion(s, history, CompletionStatus.RETRYABLE, {"e": 2})
+    failed = classify_completion(s, history, CompletionStatus.FAILED, {"e": 1})
+    assert same.classification is Classification.DUPLICATE
+    assert other.classification is Classification.AMBIGUOUS
+    # `failed` with the same payload agrees with what is recorded: no conflict either.
+    assert failed.classification is Classification.DUPLICATE
