@@ -278,3 +278,28 @@ def retry_delay_seconds(
     """
     raw = min(cap, base * 2.0 ** max(0, attempt - 1))
     return raw * (1.0 + jitter * (2.0 * unit_random - 1.0))
+
+
+# -- claiming a step (a ready message arrived) -------------------------------------------
+
+
+class ClaimVerdict(enum.StrEnum):
+    #: The step is available: claim it.
+    CLAIM = "claim"
+    #: Another delivery already claimed it (executing): the message is a duplicate.
+    DUPLICATE = "duplicate"
+    #: The step already finished: the message is late.
+    LATE = "late"
+    #: The step is not released (pending) or waits for its retry time: not yet.
+    NOT_READY = "not_ready"
+
+
+def classify_claim(state: StepState) -> ClaimVerdict:
+    """What a ready message for a step in `state` does."""
+    if state is StepState.AVAILABLE:
+        return ClaimVerdict.CLAIM
+    if state is StepState.EXECUTING:
+        return ClaimVerdict.DUPLICATE
+    if state in TERMINAL_STATES:
+        return ClaimVerdict.LATE
+    return ClaimVerdict.NOT_READY

@@ -14,6 +14,7 @@ from sqlalchemy import Connection, insert, select, update
 from ledger import tables as t
 from ledger.db import lock_workflow
 from ledger.errors import InvalidCompletionError, StepNotFoundError
+from ledger.evidence import record_evidence
 from ledger.jsonsafe import json_problems
 from ledger.model import CompletionResult
 from ledger.rules import (
@@ -55,7 +56,7 @@ def parse_status(status: str | CompletionStatus) -> CompletionStatus:
 
 
 @dataclass
-class _Changes:
+class Changes:
     """State moves made in this transaction, so the workflow counters follow exactly."""
 
     delta: dict[StepState, int] = field(default_factory=lambda: dict.fromkeys(StepState, 0))
@@ -109,17 +110,18 @@ def complete_step(
         )
 
     if decision.classification is not Classification.APPLIED:
-        _record_evidence(
+        record_evidence(
             conn,
-            workflow_id,
-            step,
-            decision.classification,
-            parsed,
-            attempt,
-            payload,
-            decision.reason,
-            source,
-            now,
+            workflow_id=workflow_id,
+            step=step,
+            kind="completion",
+            classification=decision.classification.value,
+            source=source,
+            now=now,
+            status=parsed.value,
+            attempt=attempt,
+            payload=payload,
+            reason=decision.reason,
         )
         if decision.classification is Classification.AMBIGUOUS:
             _flag_for_review(conn, workflow_id, step, now)
@@ -132,7 +134,7 @@ def complete_step(
             reason=decision.reason,
         )
 
-    changes = _Changes()
+    changes = Changes()
     recorded = decision.status
     conn.execute(
         insert(t.attempts).values(
@@ -172,13 +174,13 @@ def complete_step(
     else:
         delay = retry_delay_seconds(decision.record_attempt, unit_random=random.random())
         values.update(scheduled_at=retry_at or now + timedelta(seconds=delay))
-    _set_step(conn, workflow_id, step, state, values)
+    set_step_if(conn, workflow_id, step, state, values)
     changes.move(state, new_state)
 
     if new_state in TERMINAL_STATES:
         reconcile_descendants(conn, workflow_id, [step], changes, now)
 
-    outcome = _update_workflow(conn, wf, changes, now)
+    outcome = apply_changes(conn, wf, changes, now)
     return CompletionResult(
         workflow_id=workflow_id,
         step=step,
@@ -196,7 +198,7 @@ def reconcile_descendants(
     conn: Connection,
     workflow_id: str,
     finished: Iterable[str],
-    changes: _Changes,
+    changes: Changes,
     now: datetime,
 ) -> None:
     """Release or cascade-cancel the children of steps that just became terminal.
@@ -214,7 +216,7 @@ def reconcile_descendants(
                 continue
             decision = decide_child([d for d, _ in deps])
             if decision.kind == "release":
-                if _set_step(
+                if set_step_if(
                     conn,
                     workflow_id,
                     child,
@@ -226,7 +228,7 @@ def reconcile_descendants(
             elif decision.kind == "cancel":
                 cause = decision.cause
                 root = next(r for d, r in deps if d.step == cause)
-                if _set_step(
+                if set_step_if(
                     conn,
                     workflow_id,
                     child,
@@ -318,7 +320,7 @@ def _children_with_deps(
     return [(child, deps, state) for child, (deps, state) in grouped.items()]
 
 
-def _set_step(
+def set_step_if(
     conn: Connection, workflow_id: str, step: str, expected: StepState, values: dict[str, Any]
 ) -> bool:
     """Conditional update: applies only if the step is still in `expected`."""
@@ -331,8 +333,8 @@ def _set_step(
     return result.rowcount == 1
 
 
-def _update_workflow(
-    conn: Connection, wf: dict[str, Any], changes: _Changes, now: datetime
+def apply_changes(
+    conn: Connection, wf: dict[str, Any], changes: Changes, now: datetime
 ) -> str | None:
     counts = {s: wf[COUNTER_COLUMNS[s]] + changes.delta[s] for s in StepState}
     outcome = workflow_outcome(counts)
@@ -342,34 +344,6 @@ def _update_workflow(
         values.update(state="finished", outcome=outcome, finished_at=now)
     conn.execute(update(t.workflows).where(t.workflows.c.id == wf["id"]).values(**values))
     return outcome
-
-
-def _record_evidence(
-    conn: Connection,
-    workflow_id: str,
-    step: str,
-    classification: Classification,
-    status: CompletionStatus,
-    attempt: int | None,
-    payload: Any,
-    reason: str | None,
-    source: str,
-    now: datetime,
-) -> None:
-    conn.execute(
-        insert(t.evidence).values(
-            workflow_id=workflow_id,
-            step=step,
-            kind="completion",
-            classification=classification.value,
-            source=source,
-            status=status.value,
-            attempt=attempt,
-            payload=payload,
-            reason=reason,
-            created_at=now,
-        )
-    )
 
 
 def _flag_for_review(conn: Connection, workflow_id: str, step: str, now: datetime) -> None:

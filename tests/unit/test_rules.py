@@ -342,3 +342,21 @@ def test_repeated_retryable_after_exhaustion_is_a_duplicate_not_a_conflict() -> 
     assert other.classification is Classification.AMBIGUOUS
     # `failed` with the same payload agrees with what is recorded: no conflict either.
     assert failed.classification is Classification.DUPLICATE
+
+
+# -- claims ----------------------------------------------------------------------------------
+
+
+def test_classify_claim_covers_every_state() -> None:
+    from ledger.rules import ClaimVerdict, classify_claim
+
+    expected = {
+        StepState.PENDING: ClaimVerdict.NOT_READY,
+        StepState.AVAILABLE: ClaimVerdict.CLAIM,
+        StepState.EXECUTING: ClaimVerdict.DUPLICATE,
+        StepState.RETRYABLE: ClaimVerdict.NOT_READY,
+        StepState.COMPLETED: ClaimVerdict.LATE,
+        StepState.FAILED: ClaimVerdict.LATE,
+        StepState.CANCELLED: ClaimVerdict.LATE,
+    }
+    assert {s: classify_claim(s) for s in StepState} == expected

@@ -1,0 +1,227 @@
+"""Claiming steps for workers, their leases, and handing released steps back.
+
+A claim is a conditional update (`available` -> `executing`), so two deliveries of the
+same ready message can never both run the step: the second finds it `executing` and is
+recorded as a `duplicate` delivery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, select, update
+
+from ledger import tables as t
+from ledger.db import lock_workflow
+from ledger.errors import StepNotFoundError
+from ledger.evidence import record_evidence
+from ledger.placeholders import referenced_steps, resolve
+from ledger.rules import ClaimVerdict, StepState, classify_claim
+from ledger.transitions import Changes, apply_changes, set_step_if
+
+#: How a ready message that cannot claim its step is kept as evidence.
+_DELIVERY_EVIDENCE = {
+    ClaimVerdict.DUPLICATE: "duplicate",
+    ClaimVerdict.LATE: "late",
+    # A step not released yet, or waiting for its retry time: an old message replayed.
+    ClaimVerdict.NOT_READY: "replayed",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A step claimed for one attempt: everything a worker needs to run it."""
+
+    workflow_id: str
+    workflow_name: str
+    step: str
+    attempt: int
+    max_attempts: int
+    worker: str
+    queue: str
+    #: The step's args with `Workflow.result(...)` placeholders resolved.
+    args: dict[str, Any]
+    workflow_context: dict[str, Any]
+    #: Stored results of the step's dependencies, by step name.
+    dependency_results: dict[str, Any]
+    lease_owner: str
+    lease_expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRefused:
+    """The step could not be claimed; the delivery was recorded as evidence."""
+
+    workflow_id: str
+    step: str
+    verdict: ClaimVerdict
+    state: StepState
+
+
+def claim_step(
+    conn: Connection,
+    workflow_id: str,
+    step: str,
+    *,
+    owner: str,
+    lease_seconds: float,
+    now: datetime,
+    source: str = "worker",
+) -> Claim | ClaimRefused:
+    wf = lock_workflow(conn, workflow_id)
+    s = t.steps
+    row = (
+        conn.execute(select(s).where(s.c.workflow_id == workflow_id, s.c.name == step))
+        .mappings()
+        .first()
+    )
+    if row is None:
+        known = (
+            conn.execute(
+                select(s.c.name).where(s.c.workflow_id == workflow_id).order_by(s.c.position)
+            )
+            .scalars()
+            .all()
+        )
+        raise StepNotFoundError(workflow_id, step, list(known))
+    state = StepState(row["state"])
+    verdict = classify_claim(state)
+    if verdict is not ClaimVerdict.CLAIM:
+        classification = _DELIVERY_EVIDENCE[verdict]
+        record_evidence(
+            conn,
+            workflow_id=workflow_id,
+            step=step,
+            kind="delivery",
+            classification=classification,
+            source=source,
+            now=now,
+            attempt=row["attempt"],
+            reason=f"step_{state.value}",
+        )
+        return ClaimRefused(workflow_id, step, verdict, state)
+
+    attempt = row["attempt"] + 1
+    expires = now + timedelta(seconds=lease_seconds)
+    set_step_if(
+        conn,
+        workflow_id,
+        step,
+        StepState.AVAILABLE,
+        {
+            "state": StepState.EXECUTING.value,
+            "attempt": attempt,
+            "lease_owner": owner,
+            "lease_expires_at": expires,
+            "updated_at": now,
+        },
+    )
+    changes = Changes()
+    changes.move(StepState.AVAILABLE, StepState.EXECUTING)
+    apply_changes(conn, wf, changes, now)
+
+    deps = referenced_steps(row["args"])
+    results: dict[str, Any] = {}
+    parents = (
+        conn.execute(
+            select(t.edges.c.parent).where(
+                t.edges.c.workflow_id == workflow_id, t.edges.c.child == step
+            )
+        )
+        .scalars()
+        .all()
+    )
+    if parents:
+        r = t.results
+        results = {
+            x.step: x.payload
+            for x in conn.execute(
+                select(r.c.step, r.c.payload).where(
+                    r.c.workflow_id == workflow_id, r.c.step.in_(list(parents))
+                )
+            )
+        }
+    args, _missing = resolve(row["args"], results) if deps else (row["args"], [])
+    return Claim(
+        workflow_id=workflow_id,
+        workflow_name=wf["name"],
+        step=step,
+        attempt=attempt,
+        max_attempts=row["max_attempts"],
+        worker=row["worker"],
+        queue=row["queue"],
+        args=args,
+        workflow_context=wf["context"],
+        dependency_results=results,
+        lease_owner=owner,
+        lease_expires_at=expires,
+    )
+
+
+def renew_lease(
+    conn: Connection,
+    workflow_id: str,
+    step: str,
+    *,
+    owner: str,
+    attempt: int,
+    lease_seconds: float,
+    now: datetime,
+) -> bool:
+    """Extend a lease this owner still holds; False if it was revoked or the step moved on."""
+    s = t.steps
+    result = conn.execute(
+        update(s)
+        .where(
+            s.c.workflow_id == workflow_id,
+            s.c.name == step,
+            s.c.state == StepState.EXECUTING.value,
+            s.c.lease_owner == owner,
+            s.c.attempt == attempt,
+        )
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+    )
+    return result.rowcount == 1
+
+
+def release_claim(
+    conn: Connection,
+    workflow_id: str,
+    step: str,
+    *,
+    owner: str,
+    attempt: int,
+    now: datetime,
+) -> bool:
+    """Hand an executing step back (a worker draining): `executing` -> `available`.
+
+    The attempt stays counted. The step is marked undispatched so it is sent again.
+    """
+    wf = lock_workflow(conn, workflow_id)
+    s = t.steps
+    result = conn.execute(
+        update(s)
+        .where(
+            s.c.workflow_id == workflow_id,
+            s.c.name == step,
+            s.c.state == StepState.EXECUTING.value,
+            s.c.lease_owner == owner,
+            s.c.attempt == attempt,
+        )
+        .values(
+            state=StepState.AVAILABLE.value,
+            lease_owner=None,
+            lease_expires_at=None,
+            dispatched_at=None,
+            available_at=now,
+            updated_at=now,
+        )
+    )
+    if result.rowcount != 1:
+        return False
+    changes = Changes()
+    changes.move(StepState.EXECUTING, StepState.AVAILABLE)
+    apply_changes(conn, wf, changes, now)
+    return True
