@@ -79,8 +79,10 @@ def _stderr() -> Console:
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    # soft_wrap: never break the one line, however narrow the terminal.
-    _stderr().print(f"[bold red]error:[/bold red] [red]{escape(message)}[/red]", soft_wrap=True)
+    # One line, whatever the message holds; soft_wrap: never break it, however narrow the
+    # terminal.
+    line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    _stderr().print(f"[bold red]error:[/bold red] [red]{escape(line)}[/red]", soft_wrap=True)
     raise typer.Exit(code)
 
 
