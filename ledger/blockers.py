@@ -69,7 +69,7 @@ def diagnose(f: StepFacts) -> Diagnosis:
         blockers.append(Blocker.AMBIGUOUS_OUTCOME)
         reasons.append(
             "a conflicting outcome was reported after the first one was recorded; "
-            "the first stands (see `streamflow evidence`)"
+            "the first stands (the evidence table keeps both)"
         )
 
     if f.state is StepState.PENDING:

@@ -36,10 +36,13 @@ def counters_of(row: dict[str, Any]) -> Counters:
 def get_workflow(conn: Connection, workflow_id: str) -> WorkflowRecord:
     w = workflow_row(conn, workflow_id)
     deps: dict[str, list[tuple[str, EdgePolicy]]] = {}
+    e_, p = t.edges, t.steps
+    # Dependencies in the order their steps were added, as everywhere else.
     for e in conn.execute(
-        select(t.edges.c.child, t.edges.c.parent, t.edges.c.policy).where(
-            t.edges.c.workflow_id == workflow_id
-        )
+        select(e_.c.child, e_.c.parent, e_.c.policy)
+        .join(p, (p.c.workflow_id == e_.c.workflow_id) & (p.c.name == e_.c.parent))
+        .where(e_.c.workflow_id == workflow_id)
+        .order_by(p.c.position)
     ):
         deps.setdefault(e.child, []).append((e.parent, EdgePolicy(e.policy)))
     steps: dict[str, StepRecord] = {}
@@ -61,7 +64,7 @@ def get_workflow(conn: Connection, workflow_id: str) -> WorkflowRecord:
             cancel_root_step=s["cancel_root_step"],
             scheduled_at=s["scheduled_at"],
             finished_at=s["finished_at"],
-            deps=tuple(sorted(deps.get(s["name"], []))),
+            deps=tuple(deps.get(s["name"], [])),
         )
     return WorkflowRecord(
         id=w["id"],

@@ -308,7 +308,7 @@ def _children_with_deps(
         .join(p, (p.c.workflow_id == e.c.workflow_id) & (p.c.name == e.c.parent))
         .join(c, (c.c.workflow_id == e.c.workflow_id) & (c.c.name == e.c.child))
         .where(e.c.workflow_id == workflow_id, e.c.child.in_(children))
-        .order_by(c.c.position, e.c.parent)
+        .order_by(c.c.position, p.c.position)
     ).all()
     grouped: dict[str, tuple[list[tuple[DependencyView, str]], StepState]] = {}
     for r in rows:
