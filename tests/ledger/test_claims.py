@@ -10,7 +10,7 @@ from sqlalchemy import Engine
 from ledger.claims import Claim, ClaimRefused, claim_step, release_claim, renew_lease
 from ledger.db import transaction
 from ledger.operations import complete
-from ledger.rules import Classification, ClaimVerdict
+from ledger.rules import ClaimVerdict, Classification
 from streamflow import StepNotFoundError, Workflow
 from tests.ledger.helpers import evidence, recount, states
 from tests.workers import Noop
