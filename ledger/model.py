@@ -105,6 +105,16 @@ class WorkflowRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ReadyStep:
+    """A step made available and marked dispatched: publish it to its queue's ready stream."""
+
+    workflow_id: str
+    step: str
+    queue: str
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class CompletionResult:
     """What one `complete_step` call did."""
 
@@ -121,6 +131,9 @@ class CompletionResult:
     #: The workflow's outcome if this call finished it.
     workflow_outcome: str | None = None
     reason: str | None = None
+    #: With `dispatch=True`: the released steps this call marked dispatched. The caller
+    #: publishes them after commit; if it cannot, the reconciler dispatches them again.
+    ready: tuple[ReadyStep, ...] = ()
 
     @property
     def applied(self) -> bool:

@@ -73,6 +73,13 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def _partial_index(name: str, *columns: str, where: str, unique: bool = False) -> Index:
+    """An index over the rows matching `where`, on PostgreSQL and SQLite alike."""
+    return Index(
+        name, *columns, unique=unique, postgresql_where=text(where), sqlite_where=text(where)
+    )
+
+
 def _counter(name: str) -> Column[int]:
     return Column(name, Integer, nullable=False, server_default=text("0"))
 
@@ -147,6 +154,15 @@ steps = Table(
     ForeignKeyConstraint(["workflow_id"], [workflows.c.id], ondelete="CASCADE"),
     CheckConstraint(f"state IN ({STEP_STATES})", name="state"),
     CheckConstraint("max_attempts >= 1", name="max_attempts"),
+    # Partial indexes for the dispatcher and the reconciler: each covers only the steps
+    # in one live state, so a sweep costs what it finds, not the size of the ledger.
+    _partial_index(
+        "ix_streamflow_steps_available_dispatched", "dispatched_at", where="state = 'available'"
+    ),
+    _partial_index("ix_streamflow_steps_retry_due", "scheduled_at", where="state = 'retryable'"),
+    _partial_index(
+        "ix_streamflow_steps_lease_expiry", "lease_expires_at", where="state = 'executing'"
+    ),
 )
 
 edges = Table(
@@ -223,6 +239,14 @@ evidence = Table(
     Column("dedupe_key", String(200)),
     Column("created_at", UTCDateTime, nullable=False),
     Index(None, "workflow_id", "id"),
+    # One consumed record per completion event: a redelivery finds it and is a duplicate.
+    _partial_index(
+        "uq_streamflow_evidence_consumed_event",
+        "workflow_id",
+        "dedupe_key",
+        where="kind = 'event' AND classification = 'consumed'",
+        unique=True,
+    ),
 )
 
 cancel_requests = Table(

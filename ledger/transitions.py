@@ -16,7 +16,7 @@ from ledger.db import lock_workflow
 from ledger.errors import InvalidCompletionError, StepNotFoundError
 from ledger.evidence import record_evidence
 from ledger.jsonsafe import json_problems
-from ledger.model import CompletionResult
+from ledger.model import CompletionResult, ReadyStep
 from ledger.rules import (
     TERMINAL_STATES,
     Classification,
@@ -62,6 +62,8 @@ class Changes:
     delta: dict[StepState, int] = field(default_factory=lambda: dict.fromkeys(StepState, 0))
     released: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
+    #: Released steps with their queues, in release order.
+    ready: list[ReadyStep] = field(default_factory=list)
 
     def move(self, old: StepState, new: StepState) -> None:
         self.delta[old] -= 1
@@ -79,6 +81,8 @@ def complete_step(
     source: str = "api",
     now: datetime | None = None,
     retry_at: datetime | None = None,
+    dispatch: bool = False,
+    reason: str | None = None,
 ) -> CompletionResult:
     """Record an outcome for `step` and apply what follows from it.
 
@@ -86,6 +90,10 @@ def complete_step(
     plain JSON, an unknown workflow or step, or an outcome the step cannot have (a
     pending step cannot have run) raise and write nothing. Outcomes that arrive after
     the step's fate was sealed are kept as evidence and change nothing.
+
+    With `dispatch=True` (the engine's path) the released children are marked dispatched
+    in the same transaction and returned in `ready` for the caller to publish. `reason`
+    is kept on the attempt row (e.g. lease_expired) unless the rules give their own.
     """
     parsed = parse_status(status)
     problems = json_problems(payload, "payload")
@@ -143,7 +151,7 @@ def complete_step(
             attempt=decision.record_attempt,
             status=recorded.value,
             payload=payload,
-            reason=decision.reason,
+            reason=decision.reason or reason,
             source=source,
             recorded_at=now,
         )
@@ -180,6 +188,9 @@ def complete_step(
     if new_state in TERMINAL_STATES:
         reconcile_descendants(conn, workflow_id, [step], changes, now)
 
+    ready: tuple[ReadyStep, ...] = ()
+    if dispatch and changes.ready:
+        ready = mark_dispatched(conn, changes.ready, now)
     outcome = apply_changes(conn, wf, changes, now)
     return CompletionResult(
         workflow_id=workflow_id,
@@ -191,7 +202,34 @@ def complete_step(
         cancelled=tuple(changes.cancelled),
         workflow_outcome=outcome,
         reason=decision.reason,
+        ready=ready,
     )
+
+
+def mark_dispatched(
+    conn: Connection, candidates: Iterable[ReadyStep], now: datetime
+) -> tuple[ReadyStep, ...]:
+    """Mark available, undispatched steps as dispatched; return those this call marked.
+
+    Conditional on `dispatched_at IS NULL`, so of two dispatchers racing for a step
+    exactly one publishes it.
+    """
+    s = t.steps
+    marked = []
+    for r in candidates:
+        result = conn.execute(
+            update(s)
+            .where(
+                s.c.workflow_id == r.workflow_id,
+                s.c.name == r.step,
+                s.c.state == StepState.AVAILABLE.value,
+                s.c.dispatched_at.is_(None),
+            )
+            .values(dispatched_at=now)
+        )
+        if result.rowcount == 1:
+            marked.append(r)
+    return tuple(marked)
 
 
 def reconcile_descendants(
@@ -211,9 +249,10 @@ def reconcile_descendants(
     queue = deque(finished)
     while queue:
         parent = queue.popleft()
-        for child, deps, child_state in _children_with_deps(conn, workflow_id, parent):
-            if child_state is not StepState.PENDING:
+        for kid in _children_with_deps(conn, workflow_id, parent):
+            if kid.state is not StepState.PENDING:
                 continue
+            child, deps = kid.name, kid.deps
             decision = decide_child([d for d, _ in deps])
             if decision.kind == "release":
                 if set_step_if(
@@ -225,6 +264,7 @@ def reconcile_descendants(
                 ):
                     changes.move(StepState.PENDING, StepState.AVAILABLE)
                     changes.released.append(child)
+                    changes.ready.append(ReadyStep(workflow_id, child, kid.queue, kid.priority))
             elif decision.kind == "cancel":
                 cause = decision.cause
                 root = next(r for d, r in deps if d.step == cause)
@@ -286,11 +326,18 @@ def _history(conn: Connection, workflow_id: str, step: str) -> dict[int, Recorde
     }
 
 
-def _children_with_deps(
-    conn: Connection, workflow_id: str, parent: str
-) -> list[tuple[str, list[tuple[DependencyView, str]], StepState]]:
-    """Each child of `parent`, with every dependency of that child (and the root cause
-    to record if that dependency cancels it), ordered by the child's position."""
+@dataclass
+class _Child:
+    name: str
+    state: StepState
+    queue: str
+    priority: int
+    #: Every dependency, with the root cause to record if that dependency cancels it.
+    deps: list[tuple[DependencyView, str]] = field(default_factory=list)
+
+
+def _children_with_deps(conn: Connection, workflow_id: str, parent: str) -> list[_Child]:
+    """Each child of `parent` with all of its dependencies, ordered by position."""
     e, p, c = t.edges, t.steps.alias("p"), t.steps.alias("c")
     children = (
         select(e.c.child).where(e.c.workflow_id == workflow_id, e.c.parent == parent)
@@ -304,20 +351,24 @@ def _children_with_deps(
             p.c.terminal_cause,
             p.c.cancel_root_step,
             c.c.state.label("child_state"),
+            c.c.queue,
+            c.c.priority,
         )
         .join(p, (p.c.workflow_id == e.c.workflow_id) & (p.c.name == e.c.parent))
         .join(c, (c.c.workflow_id == e.c.workflow_id) & (c.c.name == e.c.child))
         .where(e.c.workflow_id == workflow_id, e.c.child.in_(children))
         .order_by(c.c.position, p.c.position)
     ).all()
-    grouped: dict[str, tuple[list[tuple[DependencyView, str]], StepState]] = {}
+    grouped: dict[str, _Child] = {}
     for r in rows:
-        deps, _ = grouped.setdefault(r.child, ([], StepState(r.child_state)))
+        child = grouped.setdefault(
+            r.child, _Child(r.child, StepState(r.child_state), r.queue, r.priority)
+        )
         root = r.cancel_root_step if r.terminal_cause == "cancelled_by_dependency" else r.parent
-        deps.append(
+        child.deps.append(
             (DependencyView(r.parent, StepState(r.parent_state), EdgePolicy(r.policy)), root)
         )
-    return [(child, deps, state) for child, (deps, state) in grouped.items()]
+    return list(grouped.values())
 
 
 def set_step_if(

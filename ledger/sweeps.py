@@ -1,0 +1,161 @@
+"""Sweeps over the ledger that keep work moving when messages go missing.
+
+Each query reads one partial index (see `ledger.tables`), so a sweep costs in
+proportion to what it finds. Every state change re-checks its condition under the
+workflow lock, so sweeps are safe to run while workers, consumers and other sweepers
+(another host's reconciler) run at the same time.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import Connection, select
+
+from ledger import tables as t
+from ledger.db import lock_workflow
+from ledger.model import CompletionResult, ReadyStep
+from ledger.recoveries import record_recovery
+from ledger.rules import StepState
+from ledger.transitions import Changes, apply_changes, complete_step, mark_dispatched, set_step_if
+
+
+def dispatch_undispatched(
+    conn: Connection, now: datetime, limit: int = 500
+) -> tuple[ReadyStep, ...]:
+    """Available steps nobody dispatched yet (inserted roots, API completions, retries):
+    mark them dispatched and return them for publishing, highest priority first."""
+    s = t.steps
+    rows = conn.execute(
+        select(s.c.workflow_id, s.c.name, s.c.queue, s.c.priority)
+        .where(s.c.state == StepState.AVAILABLE.value, s.c.dispatched_at.is_(None))
+        .order_by(s.c.priority.desc(), s.c.available_at)
+        .limit(limit)
+    ).all()
+    candidates = [ReadyStep(r.workflow_id, r.name, r.queue, r.priority) for r in rows]
+    return mark_dispatched(conn, candidates, now)
+
+
+def redispatch_stale(
+    conn: Connection, now: datetime, older_than: timedelta, limit: int = 500
+) -> tuple[ReadyStep, ...]:
+    """Available steps dispatched long ago and still unclaimed: the ready message was
+    lost (dropped, trimmed, Redis flushed). Dispatch them again, with a recovery row."""
+    s = t.steps
+    cutoff = now - older_than
+    rows = conn.execute(
+        select(s.c.workflow_id, s.c.name, s.c.queue, s.c.priority, s.c.dispatched_at)
+        .where(s.c.state == StepState.AVAILABLE.value, s.c.dispatched_at < cutoff)
+        .order_by(s.c.dispatched_at)
+        .limit(limit)
+    ).all()
+    out = []
+    for r in rows:
+        changed = conn.execute(
+            s.update()
+            .where(
+                s.c.workflow_id == r.workflow_id,
+                s.c.name == r.name,
+                s.c.state == StepState.AVAILABLE.value,
+                s.c.dispatched_at == r.dispatched_at,
+            )
+            .values(dispatched_at=now)
+        ).rowcount
+        if changed == 1:
+            record_recovery(
+                conn,
+                workflow_id=r.workflow_id,
+                step=r.name,
+                repair="redispatch",
+                reason=f"available and unclaimed since its dispatch at "
+                f"{r.dispatched_at.isoformat()}: the ready message was lost",
+                now=now,
+                evidence={"dispatched_at": r.dispatched_at.isoformat()},
+            )
+            out.append(ReadyStep(r.workflow_id, r.name, r.queue, r.priority))
+    return tuple(out)
+
+
+def promote_due_retries(conn: Connection, now: datetime, limit: int = 500) -> list[ReadyStep]:
+    """`retryable` steps whose retry time has come go back to `available` (undispatched)."""
+    s = t.steps
+    rows = conn.execute(
+        select(s.c.workflow_id, s.c.name, s.c.queue, s.c.priority)
+        .where(s.c.state == StepState.RETRYABLE.value, s.c.scheduled_at <= now)
+        .order_by(s.c.workflow_id, s.c.name)
+        .limit(limit)
+    ).all()
+    promoted = []
+    for workflow_id in dict.fromkeys(r.workflow_id for r in rows):
+        wf = lock_workflow(conn, workflow_id)
+        changes = Changes()
+        for r in (r for r in rows if r.workflow_id == workflow_id):
+            if set_step_if(
+                conn,
+                workflow_id,
+                r.name,
+                StepState.RETRYABLE,
+                {
+                    "state": StepState.AVAILABLE.value,
+                    "available_at": now,
+                    "dispatched_at": None,
+                    "scheduled_at": None,
+                    "updated_at": now,
+                },
+            ):
+                changes.move(StepState.RETRYABLE, StepState.AVAILABLE)
+                promoted.append(ReadyStep(workflow_id, r.name, r.queue, r.priority))
+        apply_changes(conn, wf, changes, now)
+    return promoted
+
+
+def expire_leases(conn: Connection, now: datetime, limit: int = 500) -> list[CompletionResult]:
+    """Executing steps whose lease ran out (the worker died or hung): the attempt is
+    recorded as `retryable` with reason lease_expired and a retry due now — or as
+    `failed` when it was the last attempt, by the same rule as any other outcome."""
+    s = t.steps
+    rows = conn.execute(
+        select(s.c.workflow_id, s.c.name, s.c.attempt)
+        .where(s.c.state == StepState.EXECUTING.value, s.c.lease_expires_at < now)
+        .order_by(s.c.workflow_id, s.c.name)
+        .limit(limit)
+    ).all()
+    results = []
+    for r in rows:
+        lock_workflow(conn, r.workflow_id)
+        # Re-check under the lock: the worker may have finished, or renewed, meanwhile.
+        still = conn.execute(
+            select(s.c.lease_owner, s.c.lease_expires_at).where(
+                s.c.workflow_id == r.workflow_id,
+                s.c.name == r.name,
+                s.c.state == StepState.EXECUTING.value,
+                s.c.attempt == r.attempt,
+                s.c.lease_expires_at < now,
+            )
+        ).first()
+        if still is None:
+            continue
+        result = complete_step(
+            conn,
+            r.workflow_id,
+            r.name,
+            "retryable",
+            {"error": "lease expired", "lease_owner": still.lease_owner},
+            attempt=r.attempt,
+            source="reconciler",
+            now=now,
+            retry_at=now,
+            reason="lease_expired",
+        )
+        record_recovery(
+            conn,
+            workflow_id=r.workflow_id,
+            step=r.name,
+            repair="lease_expired",
+            reason=f"lease of {still.lease_owner!r} on attempt {r.attempt} expired at "
+            f"{still.lease_expires_at.isoformat()}; recorded as {result.status}",
+            now=now,
+            evidence={"lease_owner": still.lease_owner, "attempt": r.attempt},
+        )
+        results.append(result)
+    return results
