@@ -405,3 +405,21 @@ def _flag_for_review(conn: Connection, workflow_id: str, step: str, now: datetim
         .values(needs_review=True, updated_at=now)
     )
     conn.execute(update(w).where(w.c.id == workflow_id).values(needs_review=True, updated_at=now))
+
+
+def unmark_dispatched(conn: Connection, steps: Iterable[ReadyStep]) -> int:
+    """Undo `mark_dispatched` for steps whose publish failed, so the dispatcher sends them
+    on its next pass instead of waiting for the stale-dispatch deadline."""
+    s = t.steps
+    count = 0
+    for r in steps:
+        count += conn.execute(
+            update(s)
+            .where(
+                s.c.workflow_id == r.workflow_id,
+                s.c.name == r.step,
+                s.c.state == StepState.AVAILABLE.value,
+            )
+            .values(dispatched_at=None)
+        ).rowcount
+    return count
