@@ -15,8 +15,9 @@ putting the partition inside the tag — `{streamflow:7}:completions`,
 `{streamflow:7}:ready:emails` — so each partition is one slot holding every stream that
 partition's consumers touch together; `hash_tag` is the one place that changes.
 
-Prefixes may not contain braces (they would end or nest the tag) or whitespace (keys
-show up in logs and `redis-cli` sessions, where it only causes trouble).
+Prefixes and group names may not contain braces (in a prefix they would end or nest the
+tag) or whitespace (names show up in logs and `redis-cli` sessions, where it only causes
+trouble).
 """
 
 from __future__ import annotations
@@ -68,8 +69,15 @@ class StreamKeys:
         return f"{self.hash_tag}:dead"
 
     def ready(self, queue: str) -> str:
-        """The ready stream of `queue`."""
-        return f"{self.hash_tag}:ready:{_check_name('queue name', queue)}"
+        """The ready stream of `queue`.
+
+        Any non-empty queue name the builder accepts works: only the first `{...}` of a
+        key is its hash tag, so braces or spaces after the prefix change nothing, and
+        refusing them here would strand steps the ledger already holds.
+        """
+        if not isinstance(queue, str) or not queue:
+            raise ValueError(f"queue name must be a non-empty string, got {queue!r}")
+        return f"{self.hash_tag}:ready:{queue}"
 
     def ready_streams(self, queues: list[str]) -> list[str]:
         """Ready streams for several queues, deduplicated, in the order given."""

@@ -49,10 +49,16 @@ def test_bad_prefixes_are_refused(prefix: str) -> None:
         StreamKeys(prefix)
 
 
-@pytest.mark.parametrize("queue", ["", "a b", "{q}", "q}"])
-def test_bad_queue_names_are_refused(queue: str) -> None:
+def test_empty_queue_names_are_refused() -> None:
     with pytest.raises(ValueError, match="queue"):
-        StreamKeys().ready(queue)
+        StreamKeys().ready("")
+
+
+@pytest.mark.parametrize("queue", ["a b", "{q}", "q}", "emails:bulk"])
+def test_any_queue_name_the_builder_accepts_stays_in_the_deployments_slot(queue: str) -> None:
+    keys = StreamKeys()
+    assert keys.ready(queue) == "{streamflow}:ready:" + queue
+    assert _slot(keys.ready(queue)) == _slot(keys.completions)
 
 
 def test_bad_group_names_are_refused() -> None:

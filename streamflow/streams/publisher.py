@@ -1,0 +1,65 @@
+"""Publishing completion events and ready messages after the ledger committed.
+
+A publish is an optimisation, never a commitment: by the time it runs the ledger write it
+announces has already committed, and the dispatcher and reconciler find anything never
+published. So a failed publish — Redis down, restarting, out of memory, any error from
+the transport — must not fail the caller (which would make a recorded outcome look like a
+failure). It logs one structured warning line on the `streamflow.streams` logger (event
+`stream.publish_failed`, fields in `sf_fields` as `streamflow.logs` expects) and returns
+False.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from streamflow.streams.codec import CompletionEvent, ReadyMessage, encode
+from streamflow.streams.keys import StreamKeys
+from streamflow.streams.transport import Fields, StreamTransport
+
+logger = logging.getLogger("streamflow.streams")
+
+
+class Publisher:
+    def __init__(self, transport: StreamTransport, keys: StreamKeys) -> None:
+        self.transport = transport
+        self.keys = keys
+
+    def publish_completion(self, event: CompletionEvent) -> bool:
+        """XADD `event` to the completion stream; True on success, False (logged) if not."""
+        # Encoding stays outside the guard: a bad event is a bug to surface, not an outage.
+        item = (self.keys.completions, encode(event))
+        return self._publish("completion", [item], event.workflow_id, event.step)
+
+    def publish_ready(self, messages: Sequence[ReadyMessage]) -> bool:
+        """XADD each message to its queue's ready stream in one round trip."""
+        if not messages:
+            return True
+        items = [(self.keys.ready(m.queue), encode(m)) for m in messages]
+        return self._publish("ready", items, messages[0].workflow_id, messages[0].step)
+
+    def _publish(
+        self, kind: str, items: list[tuple[str, Fields]], workflow_id: str, step: str
+    ) -> bool:
+        try:
+            if len(items) == 1:
+                self.transport.add(*items[0])
+            else:
+                self.transport.add_many(items)
+        # Deliberately broad: whatever the transport raises (redis errors, OSError from a
+        # socket, a chaos wrapper's injected fault), the committed ledger write stands.
+        except Exception as exc:
+            fields = {
+                "kind": kind,
+                "streams": sorted({stream for stream, _ in items}),
+                "messages": len(items),
+                # The first message's identity: enough to find the rest in the ledger.
+                "workflow_id": workflow_id,
+                "step": step,
+                "error": type(exc).__name__,
+                "detail": str(exc).replace("\n", " ")[:200],
+            }
+            logger.warning("stream.publish_failed", extra={"sf_fields": fields})
+            return False
+        return True
