@@ -14,22 +14,34 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
+from urllib.parse import urlsplit
 
+import redis.exceptions
 import typer
 from rich.console import Console
 from rich.markup import escape
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
-from ledger.db import make_engine
+from ledger.db import make_engine, transaction
 from ledger.errors import LedgerError, SchemaNotReadyError
 from ledger.migrate import current_revision, ensure_current, head_revision, upgrade
+from ledger.model import CompletionResult
+from ledger.rules import CompletionStatus
+from ledger.transitions import complete_step
 from streamflow import demo as demo_module
-from streamflow import render
+from streamflow import logs, render
 from streamflow.builder import Workflow
 from streamflow.config import DATABASE_URL_ENV, DatabaseChoice, Settings, resolve_database_url
+from streamflow.engine.common import now_ms, ready_messages
+from streamflow.engine.launch import EngineOptions, build_runner
 from streamflow.explain import Explain
+from streamflow.streams.codec import CompletionEvent
+from streamflow.streams.keys import StreamKeys
+from streamflow.streams.publisher import Publisher
+from streamflow.streams.transport import StreamTransport
+from streamflow.streams.transport import connect as connect_streams
 
 app = typer.Typer(
     name="streamflow",
@@ -307,6 +319,295 @@ def status(
         _print_json(render.status_dict(record, views))
         return
     _stdout().print(render.workflow_status(record, views))
+
+
+# -- the engine ------------------------------------------------------------------------------------
+
+RedisUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--redis-url",
+        help="Redis for the streams, e.g. redis://localhost:6379/0. Defaults to "
+        "$STREAMFLOW_REDIS_URL; `run` without one uses an in-process stream.",
+        show_default=False,
+    ),
+]
+AppOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--app", help="A module with your Worker classes, imported at start (repeatable)."
+    ),
+]
+QueuesOption = Annotated[
+    str, typer.Option("--queues", help="Comma-separated queues to take steps from.")
+]
+ConcurrencyOption = Annotated[
+    int, typer.Option("--concurrency", min=1, max=512, help="Steps run at once.")
+]
+LeaseOption = Annotated[
+    float,
+    typer.Option(
+        "--lease-seconds",
+        min=1.0,
+        help="How long a claim holds without renewal "
+        "before the step is rescued (renewed every third of it).",
+    ),
+]
+DrainOption = Annotated[
+    float,
+    typer.Option(
+        "--drain-seconds",
+        min=0.0,
+        help="On SIGTERM, how long in-flight steps may finish before their claims are released.",
+    ),
+]
+
+
+def _redis_url(explicit: str | None) -> str | None:
+    for value in (explicit, Settings().redis_url):
+        if value is not None and value.strip():
+            return value.strip()
+    return None
+
+
+def _connect_streams(url: str | None) -> StreamTransport:
+    """A transport that answered a PING, or a one-line error."""
+    where = "the in-process stream" if url is None else _safe_redis(url)
+    try:
+        transport = connect_streams(url)
+        transport.ping()
+    except ValueError as exc:
+        raise CliError(f"not a usable Redis URL: {exc}", EXIT_USAGE) from None
+    except redis.exceptions.RedisError as exc:
+        raise CliError(f"cannot reach Redis at {where}: {exc}") from None
+    return transport
+
+
+def _safe_redis(url: str) -> str:
+    parsed = urlsplit(url)
+    if parsed.password:
+        netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@")
+        return parsed._replace(netloc=netloc).geturl()
+    return url
+
+
+def _keys() -> StreamKeys:
+    try:
+        return StreamKeys(prefix=Settings().stream_prefix)
+    except ValueError as exc:
+        raise CliError(f"STREAMFLOW_STREAM_PREFIX: {exc}", EXIT_USAGE) from None
+
+
+def _queues(raw: str) -> tuple[str, ...]:
+    queues = tuple(dict.fromkeys(q.strip() for q in raw.split(",") if q.strip()))
+    if not queues:
+        raise CliError("--queues needs at least one queue name", EXIT_USAGE)
+    return queues
+
+
+def _start_engine(
+    database_url: str | None,
+    redis_url: str | None,
+    options: EngineOptions,
+    *,
+    embedded_streams_allowed: bool,
+) -> int:
+    choice = _choose(database_url)
+    url = _redis_url(redis_url)
+    with _edge(choice):
+        if url is None and not embedded_streams_allowed:
+            raise CliError(
+                "this command runs as a separate process, so it needs a real Redis: pass "
+                "--redis-url or set STREAMFLOW_REDIS_URL (or use `streamflow run`, which "
+                "runs everything in one process with an in-process stream)",
+                EXIT_USAGE,
+            )
+        if url is None:
+            _stderr().print(
+                "Using an in-process stream (no --redis-url or "
+                "STREAMFLOW_REDIS_URL): steps run only inside this process.",
+                soft_wrap=True,
+            )
+        engine = _open(choice, migrate_embedded=True)
+        transport = _connect_streams(url)
+        try:
+            runner, _ = build_runner(engine, transport, _keys(), options)
+        except ImportError as exc:
+            raise CliError(f"cannot import --app module: {exc}", EXIT_USAGE) from None
+    logs.configure()
+    try:
+        return runner.run_until_signalled(options.drain_seconds)
+    finally:
+        engine.dispose()
+
+
+@app.command()
+def worker(
+    queues: QueuesOption = "default",
+    concurrency: ConcurrencyOption = 8,
+    apps: AppOption = None,
+    lease_seconds: LeaseOption = 30.0,
+    drain_seconds: DrainOption = 30.0,
+    database_url: DatabaseUrlOption = None,
+    redis_url: RedisUrlOption = None,
+) -> None:
+    """Run steps: read the queues' ready streams, claim, perform, record the outcome.
+
+    Each step runs at most once per attempt: the claim in the ledger decides. SIGTERM
+    drains: no new claims, in-flight steps finish (or are released after
+    --drain-seconds), nothing is lost. Logs one JSON line per lifecycle event.
+
+    **Example:** `streamflow worker --app myapp.workers --queues default,emails --concurrency 8`
+    """
+    options = EngineOptions(
+        queues=_queues(queues),
+        concurrency=concurrency,
+        apps=tuple(apps or ()),
+        lease_seconds=lease_seconds,
+        drain_seconds=drain_seconds,
+    )
+    raise typer.Exit(
+        _start_engine(database_url, redis_url, options, embedded_streams_allowed=False)
+    )
+
+
+@app.command()
+def consume(
+    database_url: DatabaseUrlOption = None,
+    redis_url: RedisUrlOption = None,
+    batch: Annotated[
+        int,
+        typer.Option(
+            "--batch", min=1, max=10_000, help="Completion events per ledger transaction."
+        ),
+    ] = 200,
+) -> None:
+    """Consume completion events and dispatch ready steps (with the maintenance loop).
+
+    Applies each completion's release if it is missing, dispatches released children to
+    their queues' ready streams, moves due retries back to available, rescues expired
+    leases and dispatches again steps whose ready message was lost.
+
+    **Example:** `streamflow consume --redis-url redis://localhost:6379/0`
+    """
+    options = EngineOptions(consumer=True, maintenance=True, batch=batch)
+    raise typer.Exit(
+        _start_engine(database_url, redis_url, options, embedded_streams_allowed=False)
+    )
+
+
+@app.command()
+def run(
+    queues: QueuesOption = "default",
+    concurrency: ConcurrencyOption = 8,
+    apps: AppOption = None,
+    lease_seconds: LeaseOption = 30.0,
+    drain_seconds: DrainOption = 30.0,
+    database_url: DatabaseUrlOption = None,
+    redis_url: RedisUrlOption = None,
+) -> None:
+    """Everything in one process: a worker, a completion consumer and the maintenance loop.
+
+    The easy way to start. With no database or Redis configured it uses the embedded
+    SQLite ledger and an in-process stream, so it needs no servers at all.
+
+    **Example:** `streamflow run --app myapp.workers --queues default`
+    """
+    options = EngineOptions(
+        queues=_queues(queues),
+        concurrency=concurrency,
+        apps=tuple(apps or ()),
+        consumer=True,
+        maintenance=True,
+        lease_seconds=lease_seconds,
+        drain_seconds=drain_seconds,
+    )
+    raise typer.Exit(_start_engine(database_url, redis_url, options, embedded_streams_allowed=True))
+
+
+@app.command()
+def complete(
+    workflow_id: Annotated[str, typer.Argument(help="The workflow's id.")],
+    step: Annotated[str, typer.Argument(help="The step's name.")],
+    step_status: Annotated[
+        str, typer.Option("--status", help="completed, retryable, failed or cancelled.")
+    ] = "completed",
+    payload: Annotated[
+        str, typer.Option("--payload", help="The outcome's payload as JSON.")
+    ] = "null",
+    database_url: DatabaseUrlOption = None,
+    redis_url: RedisUrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Record a step's outcome by hand and publish it, as a worker would.
+
+    The ledger is written first (releases and cascades included); the completion event
+    and the released steps' ready messages are then published. Without Redis, or if the
+    publish fails, the consumer's dispatcher picks the released steps up from the ledger.
+
+    **Example:** `streamflow complete WF_ID fetch_customer --payload '{"id": 1}'`
+    """
+    try:
+        value = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        _fail(f"--payload is not valid JSON: {exc}", EXIT_USAGE)
+    choice = _choose(database_url)
+    url = _redis_url(redis_url)
+    with _edge(choice):
+        engine = _open(choice)
+        try:
+
+            def record(conn: Connection) -> CompletionResult:
+                return complete_step(
+                    conn,
+                    workflow_id,
+                    step,
+                    step_status,
+                    value,
+                    source="cli",
+                    dispatch=url is not None,
+                )
+
+            with transaction(engine) as conn:
+                result = record(conn)
+        finally:
+            engine.dispose()
+        published = False
+        if url is not None and result.applied:
+            publisher = Publisher(_connect_streams(url), _keys())
+            published = publisher.publish_ready(ready_messages(result.ready))
+            published = (
+                publisher.publish_completion(
+                    CompletionEvent(
+                        workflow_id, step, CompletionStatus(result.status), result.attempt, now_ms()
+                    )
+                )
+                and published
+            )
+    summary = {
+        "workflow_id": workflow_id,
+        "step": step,
+        "classification": result.classification.value,
+        "status": result.status,
+        "attempt": result.attempt,
+        "released": list(result.released),
+        "cancelled": list(result.cancelled),
+        "workflow_outcome": result.workflow_outcome,
+        "published": published,
+    }
+    if as_json:
+        _print_json(summary)
+        return
+    out = _stdout()
+    out.print(f"{step}: {result.classification.value} ({result.status}, attempt {result.attempt})")
+    if result.released:
+        out.print("released: " + ", ".join(result.released))
+    if result.cancelled:
+        out.print("cancelled: " + ", ".join(result.cancelled))
+    if result.workflow_outcome:
+        out.print(f"workflow finished: {result.workflow_outcome}")
+    if result.applied and not published:
+        out.print("not published to Redis; the dispatcher picks released steps up from the ledger")
 
 
 def main() -> None:

@@ -6,7 +6,8 @@ builds `Settings()` once and passes what it resolved down.
 | variable                   | meaning                                           |
 |----------------------------|---------------------------------------------------|
 | `STREAMFLOW_DATABASE_URL`  | the ledger's database (PostgreSQL in production)  |
-| `STREAMFLOW_REDIS_URL`     | Redis for streams (not used yet)                  |
+| `STREAMFLOW_REDIS_URL`     | Redis for streams (none: an in-process stream)    |
+| `STREAMFLOW_STREAM_PREFIX` | prefix of every stream key (default `streamflow`) |
 
 Without a database URL Streamflow uses an embedded SQLite file, `./streamflow.db`.
 """
@@ -31,6 +32,8 @@ class Settings(BaseSettings):
 
     database_url: str | None = None
     redis_url: str | None = None
+    #: Prefix of every stream key (inside a Redis Cluster hash tag).
+    stream_prefix: str = "streamflow"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,1 @@
+"""The reactive engine: workers, completion consumers and the maintenance loop."""

@@ -1,0 +1,172 @@
+"""The completion consumer: one member of the consumer group on the completion stream.
+
+Reads events in batches, consumes a whole batch in one ledger transaction, publishes the
+children it dispatched, and only then acknowledges: an event is never lost between the
+stream and the ledger. Entries a dead consumer left pending are taken over after an idle
+time; one delivered too often goes to the dead-letter stream, recorded, not retried
+forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from functools import partial
+
+from sqlalchemy import Engine
+
+from ledger.consume import CompletionEventView, Consumed, consume_completions
+from ledger.transitions import unmark_dispatched
+from streamflow.engine.common import in_transaction, ready_messages, utcnow
+from streamflow.engine.deadletter import dead_letter
+from streamflow.engine.retrying import is_transient, retrying
+from streamflow.logs import log_event
+from streamflow.streams.codec import MalformedEntry, decode_completion
+from streamflow.streams.keys import StreamKeys
+from streamflow.streams.publisher import Publisher
+from streamflow.streams.transport import Entry, StreamTransport
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerConfig:
+    name: str
+    batch: int = 200
+    block_ms: int = 500
+    #: Entries pending this long on a consumer are taken over (it probably died).
+    claim_idle_ms: int = 30_000
+    #: Delivered more often than this, an entry is dead-lettered.
+    max_deliveries: int = 5
+
+
+@dataclass
+class ConsumerStats:
+    consumed: int = 0
+    duplicate: int = 0
+    late: int = 0
+    unmatched: int = 0
+    dead_lettered: int = 0
+    dispatched: int = 0
+    repaired: int = 0
+
+
+class CompletionConsumer:
+    def __init__(
+        self,
+        engine: Engine,
+        transport: StreamTransport,
+        keys: StreamKeys,
+        config: ConsumerConfig,
+    ) -> None:
+        self.engine = engine
+        self.transport = transport
+        self.keys = keys
+        self.config = config
+        self.publisher = Publisher(transport, keys)
+        self.stats = ConsumerStats()
+
+    def run(self, stop: threading.Event) -> None:
+        stream, group = self.keys.completions, self.keys.completion_group
+        retrying(partial(self.transport.ensure_group, stream, group))
+        log_event("consumer.started", consumer=self.config.name, stream=stream)
+        next_takeover = 0.0
+        while not stop.is_set():
+            try:
+                if utcnow().timestamp() >= next_takeover:
+                    self.take_over_idle()
+                    next_takeover = utcnow().timestamp() + self.config.claim_idle_ms / 2000
+                entries = self.transport.read_group(
+                    group, self.config.name, [stream], self.config.batch, self.config.block_ms
+                )
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log_event(
+                    "consumer.stream_unavailable",
+                    logging.WARNING,
+                    consumer=self.config.name,
+                    error=str(exc)[:200],
+                )
+                stop.wait(1.0)
+                continue
+            if entries:
+                self.process(entries)
+        log_event("consumer.stopped", consumer=self.config.name, **vars(self.stats))
+
+    def take_over_idle(self) -> None:
+        stream, group = self.keys.completions, self.keys.completion_group
+        result = self.transport.autoclaim(
+            stream, group, self.config.name, self.config.claim_idle_ms, self.config.batch
+        )
+        keep: list[Entry] = []
+        for claimed in result.claimed:
+            if claimed.deliveries > self.config.max_deliveries:
+                self._dead_letter(claimed.entry, "delivered too many times", claimed.deliveries)
+            else:
+                keep.append(claimed.entry)
+        if keep:
+            log_event(
+                "consumer.took_over_idle_entries", consumer=self.config.name, entries=len(keep)
+            )
+            self.process(keep)
+
+    def process(self, entries: list[Entry]) -> None:
+        """Consume a batch: one ledger transaction, then publish, then acknowledge."""
+        views: list[CompletionEventView] = []
+        ids: list[str] = []
+        for entry in entries:
+            try:
+                ev = decode_completion(entry.fields)
+            except MalformedEntry as exc:
+                self._dead_letter(entry, exc.problem, 1)
+                continue
+            views.append(
+                CompletionEventView(
+                    ev.workflow_id, ev.step, ev.status.value, ev.attempt, ev.idempotency_key
+                )
+            )
+            ids.append(entry.id)
+        if views:
+            source = f"consumer:{self.config.name}"
+            results = in_transaction(
+                self.engine, lambda conn: consume_completions(conn, views, utcnow(), source)
+            )
+            self._publish(results)
+        if ids:
+            retrying(
+                lambda: self.transport.ack(self.keys.completions, self.keys.completion_group, ids)
+            )
+
+    def _publish(self, results: list[Consumed]) -> None:
+        ready = [r for c in results for r in c.ready]
+        for c in results:
+            count = getattr(self.stats, c.classification, None)
+            if count is not None:
+                setattr(self.stats, c.classification, count + 1)
+            self.stats.repaired += len(c.repaired)
+            if c.classification != "consumed":
+                log_event(
+                    "consumer.event_" + c.classification,
+                    workflow_id=c.event.workflow_id,
+                    step=c.event.step,
+                    attempt=c.event.attempt,
+                )
+        if not ready:
+            return
+        if self.publisher.publish_ready(ready_messages(ready)):
+            self.stats.dispatched += len(ready)
+        else:
+            in_transaction(self.engine, lambda conn: unmark_dispatched(conn, ready))
+
+    def _dead_letter(self, entry: Entry, reason: str, deliveries: int) -> None:
+        dead_letter(
+            self.engine,
+            self.transport,
+            self.keys,
+            group=self.keys.completion_group,
+            entry=entry,
+            reason=reason,
+            deliveries=deliveries,
+            source=f"consumer:{self.config.name}",
+        )
+        self.stats.dead_lettered += 1

@@ -1,0 +1,156 @@
+"""The maintenance loop: the dispatcher and the ledger-side rescues, in the consumer process.
+
+Every `poll_seconds` it moves due retries back to `available` and publishes every
+available step nobody dispatched (new roots, API completions, retries). Less often it
+rescues expired leases (a worker died), dispatches again the steps whose ready message
+was lost, and trims the streams below what every group has acknowledged. Each of these
+reads one partial index, so an idle pass costs next to nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from sqlalchemy import Engine
+
+from ledger.model import ReadyStep
+from ledger.sweeps import (
+    dispatch_undispatched,
+    expire_leases,
+    promote_due_retries,
+    redispatch_stale,
+)
+from ledger.transitions import unmark_dispatched
+from streamflow.engine.common import in_transaction, ready_messages, utcnow
+from streamflow.engine.retrying import is_transient
+from streamflow.logs import log_event
+from streamflow.streams.keys import StreamKeys
+from streamflow.streams.publisher import Publisher
+from streamflow.streams.transport import StreamTransport
+
+
+@dataclass(frozen=True, slots=True)
+class MaintenanceConfig:
+    poll_seconds: float = 0.1
+    lease_check_seconds: float = 1.0
+    #: A dispatched step still unclaimed after this is dispatched again.
+    redispatch_after: timedelta = timedelta(seconds=30)
+    redispatch_check_seconds: float = 5.0
+    trim_seconds: float = 30.0
+    batch: int = 500
+
+
+@dataclass
+class MaintenanceStats:
+    dispatched: int = 0
+    retries_promoted: int = 0
+    leases_expired: int = 0
+    redispatched: int = 0
+    trimmed: int = 0
+
+
+@dataclass
+class _Timer:
+    every: float
+    due: float = 0.0
+
+    def ready(self, now: float) -> bool:
+        if now < self.due:
+            return False
+        self.due = now + self.every
+        return True
+
+
+@dataclass
+class Maintenance:
+    engine: Engine
+    transport: StreamTransport
+    keys: StreamKeys
+    config: MaintenanceConfig = field(default_factory=MaintenanceConfig)
+    stats: MaintenanceStats = field(default_factory=MaintenanceStats)
+    #: Queues seen so far, whose ready streams get trimmed.
+    queues: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.publisher = Publisher(self.transport, self.keys)
+        self._leases = _Timer(self.config.lease_check_seconds)
+        self._stale = _Timer(self.config.redispatch_check_seconds)
+        self._trim = _Timer(self.config.trim_seconds)
+
+    def run(self, stop: threading.Event) -> None:
+        log_event("maintenance.started", poll_seconds=self.config.poll_seconds)
+        while not stop.is_set():
+            try:
+                busy = self.tick()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log_event("maintenance.unavailable", logging.WARNING, error=str(exc)[:200])
+                stop.wait(1.0)
+                continue
+            if not busy:
+                stop.wait(self.config.poll_seconds)
+        log_event("maintenance.stopped", **vars(self.stats))
+
+    def tick(self) -> bool:
+        """One pass; True if it found work (so the next pass comes at once)."""
+        now = time.monotonic()
+        batch = self.config.batch
+        promoted = in_transaction(self.engine, lambda c: promote_due_retries(c, utcnow(), batch))
+        self.stats.retries_promoted += len(promoted)
+        ready = in_transaction(self.engine, lambda c: dispatch_undispatched(c, utcnow(), batch))
+        self._publish(ready)
+        self.stats.dispatched += len(ready)
+        found = len(ready) >= batch or bool(promoted)
+        if self._leases.ready(now):
+            expired = in_transaction(self.engine, lambda c: expire_leases(c, utcnow(), batch))
+            self.stats.leases_expired += len(expired)
+            for x in expired:
+                log_event(
+                    "maintenance.lease_expired",
+                    logging.WARNING,
+                    workflow_id=x.workflow_id,
+                    step=x.step,
+                    attempt=x.attempt,
+                    recorded=x.status,
+                )
+            found = found or bool(expired)
+        if self._stale.ready(now):
+            after = self.config.redispatch_after
+            again = in_transaction(
+                self.engine, lambda c: redispatch_stale(c, utcnow(), after, batch)
+            )
+            self._publish(again)
+            self.stats.redispatched += len(again)
+            for r in again:
+                log_event(
+                    "maintenance.redispatched",
+                    logging.WARNING,
+                    workflow_id=r.workflow_id,
+                    step=r.step,
+                    queue=r.queue,
+                )
+        if self._trim.ready(now):
+            self.trim()
+        return found
+
+    def _publish(self, ready: tuple[ReadyStep, ...] | list[ReadyStep]) -> None:
+        if not ready:
+            return
+        self.queues.update(r.queue for r in ready)
+        if not self.publisher.publish_ready(ready_messages(list(ready))):
+            in_transaction(self.engine, lambda c: unmark_dispatched(c, ready))
+
+    def trim(self) -> None:
+        removed = self.transport.trim_acknowledged(
+            self.keys.completions, [self.keys.completion_group]
+        )
+        for queue in sorted(self.queues):
+            removed += self.transport.trim_acknowledged(
+                self.keys.ready(queue), [self.keys.workers_group]
+            )
+        self.stats.trimmed += removed

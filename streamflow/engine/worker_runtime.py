@@ -1,0 +1,461 @@
+"""The worker: reads ready streams, claims steps in the ledger, runs them, records outcomes.
+
+At most once per attempt: a step runs only after the conditional claim
+(`available` -> `executing`) committed, so a duplicate ready message finds it executing
+and is acknowledged and recorded, never run. The ready entry is acknowledged once the
+claim committed: from then on the ledger (the step's lease) is what keeps the work safe,
+and an expired lease is rescued by the maintenance loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import traceback
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+
+from ledger.claims import Claim, ClaimRefused, claim_step, release_claim, renew_lease
+from ledger.errors import InvalidCompletionError, LedgerError
+from ledger.model import CompletionResult
+from ledger.rules import CompletionStatus
+from ledger.transitions import complete_step, unmark_dispatched
+from streamflow.engine.common import in_transaction, now_ms, ready_messages, utcnow
+from streamflow.engine.context import Cancel, StepContext
+from streamflow.engine.deadletter import dead_letter
+from streamflow.engine.loader import WorkerNotFoundError, load_worker
+from streamflow.engine.retrying import is_transient, retrying
+from streamflow.logs import log_event
+from streamflow.streams.codec import CompletionEvent, MalformedEntry, decode_ready
+from streamflow.streams.keys import StreamKeys
+from streamflow.streams.publisher import Publisher
+from streamflow.streams.transport import Entry, StreamTransport
+
+_TRACEBACK_CHARS = 4000
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    queues: tuple[str, ...]
+    name: str
+    concurrency: int = 8
+    #: How long a claim holds before the maintenance loop may rescue the step.
+    lease_seconds: float = 30.0
+    #: XREADGROUP BLOCK; also how quickly a stop request is noticed.
+    block_ms: int = 500
+    #: Ready entries another worker read but never claimed are taken over after this.
+    claim_idle_ms: int = 30_000
+    #: On SIGTERM: how long in-flight steps may finish before their claims are released.
+    drain_seconds: float = 30.0
+    #: A ready entry delivered more often than this is dead-lettered, not retried forever.
+    max_deliveries: int = 5
+
+
+@dataclass
+class _Running:
+    claim: Claim
+    context: StepContext
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class WorkerStats:
+    claimed: int = 0
+    completed: int = 0
+    retried: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    duplicates: int = 0
+    released_on_drain: int = 0
+
+
+class WorkerRuntime:
+    def __init__(
+        self,
+        engine: Engine,
+        transport: StreamTransport,
+        keys: StreamKeys,
+        config: WorkerConfig,
+    ) -> None:
+        self.engine = engine
+        self.transport = transport
+        self.keys = keys
+        self.config = config
+        self.publisher = Publisher(transport, keys)
+        self.streams = keys.ready_streams(list(config.queues))
+        self.stats = WorkerStats()
+        self._running: dict[tuple[str, str], _Running] = {}
+        self._lock = threading.Lock()
+        self._slots = threading.Semaphore(config.concurrency)
+        self._idle = threading.Condition(self._lock)
+        self._handlers = 0
+        self._drained = threading.Event()
+
+    # -- the read loop -------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        cfg = self.config
+        for stream in self.streams:
+            retrying(partial(self.transport.ensure_group, stream, self.keys.workers_group))
+        log_event(
+            "worker.started", worker=cfg.name, queues=list(cfg.queues), concurrency=cfg.concurrency
+        )
+        heartbeat = threading.Thread(
+            target=self._heartbeat, args=(stop,), daemon=True, name=f"{cfg.name}-heartbeat"
+        )
+        heartbeat.start()
+        next_takeover = 0.0
+        while not stop.is_set():
+            if not self._slots.acquire(timeout=cfg.block_ms / 1000):
+                continue
+            free = 1 + self._drain_free_slots()
+            try:
+                entries: list[Entry] = []
+                now = utcnow().timestamp()
+                if now >= next_takeover:
+                    entries = self._take_over_idle(free)
+                    next_takeover = now + cfg.claim_idle_ms / 2000
+                if not entries:
+                    entries = self.transport.read_group(
+                        self.keys.workers_group, cfg.name, self.streams, free, cfg.block_ms
+                    )
+            except Exception as exc:
+                self._release_slots(free)
+                if not is_transient(exc):
+                    raise
+                log_event(
+                    "worker.stream_unavailable",
+                    logging.WARNING,
+                    worker=cfg.name,
+                    error=str(exc)[:200],
+                )
+                stop.wait(1.0)
+                continue
+            self._release_slots(free - len(entries))
+            for entry in entries:
+                self._start_handler(entry)
+        self._drain()
+        log_event("worker.stopped", worker=cfg.name, **vars(self.stats))
+
+    def _drain_free_slots(self) -> int:
+        """Take every other free slot too, so one XREADGROUP can fill them all."""
+        taken = 0
+        while taken < self.config.concurrency - 1 and self._slots.acquire(blocking=False):
+            taken += 1
+        return taken
+
+    def _release_slots(self, n: int) -> None:
+        for _ in range(max(0, n)):
+            self._slots.release()
+
+    def _take_over_idle(self, count: int) -> list[Entry]:
+        """Ready entries read by a worker that died before claiming: take them over. One
+        delivered too often is poison and goes to the dead-letter stream instead."""
+        entries: list[Entry] = []
+        for stream in self.streams:
+            result = self.transport.autoclaim(
+                stream,
+                self.keys.workers_group,
+                self.config.name,
+                self.config.claim_idle_ms,
+                count - len(entries),
+            )
+            for claimed in result.claimed:
+                if claimed.deliveries > self.config.max_deliveries:
+                    self._dead_letter(claimed.entry, "delivered too many times", claimed.deliveries)
+                else:
+                    entries.append(claimed.entry)
+            if len(entries) >= count:
+                break
+        if entries:
+            log_event(
+                "worker.took_over_idle_entries", worker=self.config.name, entries=len(entries)
+            )
+        return entries
+
+    def _dead_letter(self, entry: Entry, reason: str, deliveries: int) -> None:
+        dead_letter(
+            self.engine,
+            self.transport,
+            self.keys,
+            group=self.keys.workers_group,
+            entry=entry,
+            reason=reason,
+            deliveries=deliveries,
+            source=f"worker:{self.config.name}",
+        )
+
+    def _start_handler(self, entry: Entry) -> None:
+        with self._lock:
+            self._handlers += 1
+        # Daemon threads: a drain that gives up on a hung `perform` must not keep the
+        # process alive; the step's claim is released and it runs elsewhere.
+        threading.Thread(
+            target=self._handle, args=(entry,), daemon=True, name=f"{self.config.name}-step"
+        ).start()
+
+    # -- one ready message ---------------------------------------------------------------
+
+    def _handle(self, entry: Entry) -> None:
+        try:
+            self._handle_entry(entry)
+        except Exception:
+            # Anything unexpected leaves the entry pending: another worker takes it over
+            # after claim_idle_ms, and the ledger keeps the step safe meanwhile.
+            log_event(
+                "worker.handler_crashed",
+                logging.ERROR,
+                worker=self.config.name,
+                stream=entry.stream,
+                entry=entry.id,
+                exc_info=True,
+            )
+        finally:
+            self._slots.release()
+            with self._lock:
+                self._handlers -= 1
+                self._idle.notify_all()
+
+    def _handle_entry(self, entry: Entry) -> None:
+        try:
+            msg = decode_ready(entry.fields)
+        except MalformedEntry as exc:
+            self._dead_letter(entry, exc.problem, 1)
+            return
+        cfg = self.config
+        try:
+            claim = in_transaction(
+                self.engine,
+                lambda conn: claim_step(
+                    conn,
+                    msg.workflow_id,
+                    msg.step,
+                    owner=cfg.name,
+                    lease_seconds=cfg.lease_seconds,
+                    now=utcnow(),
+                ),
+            )
+        except LedgerError as exc:
+            retrying(lambda: self.transport.ack(entry.stream, self.keys.workers_group, [entry.id]))
+            log_event(
+                "worker.ready_unmatched",
+                logging.WARNING,
+                workflow_id=msg.workflow_id,
+                step=msg.step,
+                error=str(exc),
+            )
+            return
+        retrying(lambda: self.transport.ack(entry.stream, self.keys.workers_group, [entry.id]))
+        if isinstance(claim, ClaimRefused):
+            if claim.verdict.value == "duplicate":
+                self.stats.duplicates += 1
+            log_event(
+                "worker.claim_refused",
+                workflow_id=msg.workflow_id,
+                step=msg.step,
+                verdict=claim.verdict.value,
+                state=claim.state.value,
+            )
+            return
+        self.stats.claimed += 1
+        self._run(claim)
+
+    def _run(self, claim: Claim) -> None:
+        ctx = StepContext(
+            workflow_id=claim.workflow_id,
+            workflow_name=claim.workflow_name,
+            step=claim.step,
+            attempt=claim.attempt,
+            max_attempts=claim.max_attempts,
+            workflow_context=claim.workflow_context,
+            results=claim.dependency_results,
+        )
+        running = _Running(claim, ctx)
+        key = (claim.workflow_id, claim.step)
+        with self._lock:
+            self._running[key] = running
+        log_event(
+            "worker.step_started",
+            workflow_id=claim.workflow_id,
+            step=claim.step,
+            attempt=claim.attempt,
+            worker=claim.worker,
+        )
+        try:
+            status, payload = self._perform(claim, ctx)
+            self._record(claim, status, payload)
+        finally:
+            with self._lock:
+                self._running.pop(key, None)
+            running.done.set()
+
+    def _perform(self, claim: Claim, ctx: StepContext) -> tuple[str, Any]:
+        try:
+            worker_cls = load_worker(claim.worker)
+            perform = worker_cls().perform
+            if inspect.iscoroutinefunction(perform):
+                result = asyncio.run(perform(claim.args, ctx))
+            else:
+                result = perform(claim.args, ctx)
+                if inspect.isawaitable(result):
+                    result = asyncio.run(_await(result))
+        except Cancel as exc:
+            return "cancelled", {"reason": str(exc)}
+        except WorkerNotFoundError as exc:
+            return "retryable", {"error": str(exc), "type": "WorkerNotFoundError"}
+        except Exception as exc:
+            return "retryable", {
+                "error": f"{type(exc).__name__}: {exc}"[:1000],
+                "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+                "traceback": traceback.format_exc()[-_TRACEBACK_CHARS:],
+            }
+        return "completed", result
+
+    def _record(self, claim: Claim, status: str, payload: Any) -> None:
+        def record(conn: Any, status: str, payload: Any) -> CompletionResult:
+            return complete_step(
+                conn,
+                claim.workflow_id,
+                claim.step,
+                status,
+                payload,
+                attempt=claim.attempt,
+                source="worker",
+                now=utcnow(),
+                dispatch=True,
+            )
+
+        try:
+            result = in_transaction(self.engine, lambda conn: record(conn, status, payload))
+        except InvalidCompletionError as exc:
+            # The result cannot be stored (not plain JSON): a bug that retrying will not
+            # fix, recorded as a failure the operator can read.
+            problem = {"error": f"the step's result could not be stored: {exc}"}
+            result = in_transaction(self.engine, lambda conn: record(conn, "failed", problem))
+        self._count(result)
+        log_event(
+            "worker.step_finished",
+            workflow_id=claim.workflow_id,
+            step=claim.step,
+            attempt=claim.attempt,
+            status=result.status,
+            classification=result.classification.value,
+            released=len(result.released),
+        )
+        if not result.applied:
+            return
+        if result.ready and not self.publisher.publish_ready(ready_messages(result.ready)):
+            # Hand them back to the dispatcher rather than wait for the stale deadline.
+            in_transaction(self.engine, lambda conn: unmark_dispatched(conn, result.ready))
+        self.publisher.publish_completion(
+            CompletionEvent(
+                claim.workflow_id,
+                claim.step,
+                CompletionStatus(result.status),
+                result.attempt,
+                now_ms(),
+            )
+        )
+
+    def _count(self, result: CompletionResult) -> None:
+        if not result.applied:
+            return
+        if result.status == "completed":
+            self.stats.completed += 1
+        elif result.status == "retryable":
+            self.stats.retried += 1
+        elif result.status == "failed":
+            self.stats.failed += 1
+        else:
+            self.stats.cancelled += 1
+
+    # -- leases and draining ---------------------------------------------------------------
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        interval = max(0.2, self.config.lease_seconds / 3)
+        while not stop.wait(interval):
+            self._renew_all()
+        # Keep renewing while draining: in-flight steps are still running.
+        while self._in_flight() and not self._drained.wait(interval):
+            self._renew_all()
+
+    def _renew_all(self) -> None:
+        with self._lock:
+            running = list(self._running.values())
+        for r in running:
+            c = r.claim
+            try:
+                held = self._renew(c)
+            except Exception:
+                log_event("worker.lease_renew_failed", logging.WARNING, exc_info=True)
+                continue
+            if not held and not r.done.is_set():
+                r.context._cancel.set()
+                log_event(
+                    "worker.lease_lost",
+                    logging.WARNING,
+                    workflow_id=c.workflow_id,
+                    step=c.step,
+                    attempt=c.attempt,
+                )
+
+    def _renew(self, c: Claim) -> bool:
+        def renew(conn: Connection) -> bool:
+            return renew_lease(
+                conn,
+                c.workflow_id,
+                c.step,
+                owner=c.lease_owner,
+                attempt=c.attempt,
+                lease_seconds=self.config.lease_seconds,
+                now=utcnow(),
+            )
+
+        return in_transaction(self.engine, renew)
+
+    def _release(self, c: Claim) -> bool:
+        def release(conn: Connection) -> bool:
+            return release_claim(
+                conn, c.workflow_id, c.step, owner=c.lease_owner, attempt=c.attempt, now=utcnow()
+            )
+
+        return in_transaction(self.engine, release)
+
+    def _in_flight(self) -> bool:
+        with self._lock:
+            return self._handlers > 0
+
+    def _drain(self) -> None:
+        cfg = self.config
+        log_event("worker.draining", worker=cfg.name, in_flight=self._handlers)
+        deadline = utcnow().timestamp() + cfg.drain_seconds
+        with self._lock:
+            while self._handlers > 0:
+                left = deadline - utcnow().timestamp()
+                if left <= 0:
+                    break
+                self._idle.wait(left)
+            leftovers = list(self._running.values())
+        for r in leftovers:
+            r.context._cancel.set()
+            c = r.claim
+            released = self._release(c)
+            if released:
+                self.stats.released_on_drain += 1
+            log_event(
+                "worker.released_on_drain",
+                workflow_id=c.workflow_id,
+                step=c.step,
+                attempt=c.attempt,
+                released=released,
+            )
+        self._drained.set()
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable

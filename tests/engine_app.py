@@ -1,0 +1,106 @@
+"""Worker classes the engine tests run in real worker processes.
+
+Every `perform` appends one line to the file named by the workflow context's "log", so
+a test can count exactly how often each step ran, per attempt, across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from streamflow import Worker
+from streamflow.engine.context import Cancel, StepContext
+
+
+def _note(ctx: StepContext, **extra: Any) -> None:
+    path = ctx.workflow_context.get("log")
+    if not path:
+        return
+    line = json.dumps(
+        {
+            "wf": ctx.workflow_id,
+            "step": ctx.step,
+            "attempt": ctx.attempt,
+            "pid": os.getpid(),
+            **extra,
+        }
+    )
+    # O_APPEND writes of a short line land whole, whichever process writes.
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
+def perform_log(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+class Echo(Worker):
+    """Returns its args plus what its dependencies returned."""
+
+    def perform(self, args: dict[str, Any], ctx: StepContext) -> object:
+        _note(ctx)
+        return {"args": args, "deps": sorted(ctx.results)}
+
+
+class Add(Worker):
+    def perform(self, args: dict[str, Any], ctx: StepContext) -> object:
+        _note(ctx)
+        return args.get("base", 0) + sum(args.get("values", []))
+
+
+class AsyncDouble(Worker):
+    async def perform(self, args: dict[str, Any], ctx: StepContext) -> object:
+        _note(ctx)
+        await asyncio.sleep(0)
+        return args["value"] * 2
+
+
+class FailsUntil(Worker):
+    """Raises until attempt `succeed_on`; retries are fast in tests via max_attempts."""
+
+    max_attempts = 3
+
+    def perform(self, args: dict[str, Any], ctx: StepContext) -> object:
+        _note(ctx)
+        if ctx.attempt < args.get("succeed_on", 10**6):
+            raise RuntimeError(f"attempt {ctx.attempt} fails on purpose")
+        return {"succeeded_on": ctx.attempt}
+
+
+class Explode(Worker):
+    max_attempts = 1
+
+    def perform(self, args: dict[str, Any], ctx: StepContext) -> object:
+        _note(ctx)
+        raise ValueError("exploded on purpose")
+
+
+class CancelsItself(Worker):
+    def perform(self, args: dict[str, Any], ctx: StepContext) -> object:
+        _note(ctx)
+        raise Cancel("not needed any more")
+
+
+class SleepsFirstTime(Worker):
+    """Attempt 1 sleeps (so a test can kill its worker mid-step); later attempts return."""
+
+    def perform(self, args: dict[str, Any], ctx: StepContext) -> object:
+        _note(ctx)
+        if ctx.attempt == 1:
+            time.sleep(args.get("seconds", 60))
+        return {"attempt": ctx.attempt}
+
+
+class Sleeps(Worker):
+    def perform(self, args: dict[str, Any], ctx: StepContext) -> object:
+        _note(ctx, phase="start")
+        time.sleep(args.get("seconds", 1))
+        _note(ctx, phase="end")
+        return "slept"
