@@ -362,6 +362,16 @@ DrainOption = Annotated[
     ),
 ]
 
+RedispatchOption = Annotated[
+    float,
+    typer.Option(
+        "--redispatch-after",
+        min=0.5,
+        help="Seconds a dispatched step may stay "
+        "unclaimed before it is dispatched again (its ready message was lost).",
+    ),
+]
+
 
 def _redis_url(explicit: str | None) -> str | None:
     for value in (explicit, Settings().redis_url):
@@ -475,6 +485,7 @@ def worker(
 def consume(
     database_url: DatabaseUrlOption = None,
     redis_url: RedisUrlOption = None,
+    redispatch_after: RedispatchOption = 30.0,
     batch: Annotated[
         int,
         typer.Option(
@@ -490,7 +501,9 @@ def consume(
 
     **Example:** `streamflow consume --redis-url redis://localhost:6379/0`
     """
-    options = EngineOptions(consumer=True, maintenance=True, batch=batch)
+    options = EngineOptions(
+        consumer=True, maintenance=True, batch=batch, redispatch_after_seconds=redispatch_after
+    )
     raise typer.Exit(
         _start_engine(database_url, redis_url, options, embedded_streams_allowed=False)
     )
@@ -505,6 +518,7 @@ def run(
     drain_seconds: DrainOption = 30.0,
     database_url: DatabaseUrlOption = None,
     redis_url: RedisUrlOption = None,
+    redispatch_after: RedispatchOption = 30.0,
 ) -> None:
     """Everything in one process: a worker, a completion consumer and the maintenance loop.
 
@@ -521,6 +535,7 @@ def run(
         maintenance=True,
         lease_seconds=lease_seconds,
         drain_seconds=drain_seconds,
+        redispatch_after_seconds=redispatch_after,
     )
     raise typer.Exit(_start_engine(database_url, redis_url, options, embedded_streams_allowed=True))
 
