@@ -85,16 +85,19 @@ def _consume_one(conn: Connection, ev: CompletionEventView, now: datetime, sourc
     ).first()
     if row is None:
         return keep("unmatched", "no_such_step")
-    seen = conn.execute(
-        select(e.c.id).where(
+    accounted = conn.execute(
+        select(e.c.classification).where(
             e.c.workflow_id == ev.workflow_id,
             e.c.dedupe_key == ev.idempotency_key,
             e.c.kind == "event",
-            e.c.classification == "consumed",
+            e.c.classification.in_(("consumed", "dropped")),
         )
-    ).first()
-    if seen is not None:
+    ).scalar()
+    if accounted == "consumed":
         return keep("duplicate")
+    if accounted == "dropped":
+        # The reconciler gave up waiting for this event and repaired without it.
+        return keep("late", "arrived_after_declared_dropped")
     if row.attempt > ev.attempt:
         return keep("late", "newer_attempt_started")
 

@@ -37,7 +37,11 @@ def dispatch_undispatched(
 
 
 def redispatch_stale(
-    conn: Connection, now: datetime, older_than: timedelta, limit: int = 500
+    conn: Connection,
+    now: datetime,
+    older_than: timedelta,
+    limit: int = 500,
+    pass_id: int | None = None,
 ) -> tuple[ReadyStep, ...]:
     """Available steps dispatched long ago and still unclaimed: the ready message was
     lost (dropped, trimmed, Redis flushed). Dispatch them again, with a recovery row."""
@@ -71,17 +75,31 @@ def redispatch_stale(
                 f"{r.dispatched_at.isoformat()}: the ready message was lost",
                 now=now,
                 evidence={"dispatched_at": r.dispatched_at.isoformat()},
+                pass_id=pass_id,
             )
             out.append(ReadyStep(r.workflow_id, r.name, r.queue, r.priority))
     return tuple(out)
 
 
-def promote_due_retries(conn: Connection, now: datetime, limit: int = 500) -> list[ReadyStep]:
-    """`retryable` steps whose retry time has come go back to `available` (undispatched)."""
+def promote_due_retries(
+    conn: Connection,
+    now: datetime,
+    limit: int = 500,
+    pass_id: int | None = None,
+    overdue: timedelta | None = None,
+) -> list[ReadyStep]:
+    """`retryable` steps whose retry time has come go back to `available` (undispatched).
+
+    With `overdue` (the reconciler's use) only retries due for at least that long are
+    taken — the ones the dispatcher missed — and each gets a recovery row.
+    """
     s = t.steps
     rows = conn.execute(
-        select(s.c.workflow_id, s.c.name, s.c.queue, s.c.priority)
-        .where(s.c.state == StepState.RETRYABLE.value, s.c.scheduled_at <= now)
+        select(s.c.workflow_id, s.c.name, s.c.queue, s.c.priority, s.c.scheduled_at)
+        .where(
+            s.c.state == StepState.RETRYABLE.value,
+            s.c.scheduled_at <= now - (overdue or timedelta(0)),
+        )
         .order_by(s.c.workflow_id, s.c.name)
         .limit(limit)
     ).all()
@@ -105,11 +123,24 @@ def promote_due_retries(conn: Connection, now: datetime, limit: int = 500) -> li
             ):
                 changes.move(StepState.RETRYABLE, StepState.AVAILABLE)
                 promoted.append(ReadyStep(workflow_id, r.name, r.queue, r.priority))
+                if overdue is not None:
+                    record_recovery(
+                        conn,
+                        workflow_id=workflow_id,
+                        step=r.name,
+                        repair="retry_due",
+                        reason=f"retry due at {r.scheduled_at.isoformat()} was not taken up",
+                        now=now,
+                        pass_id=pass_id,
+                        evidence={"scheduled_at": r.scheduled_at.isoformat()},
+                    )
         apply_changes(conn, wf, changes, now)
     return promoted
 
 
-def expire_leases(conn: Connection, now: datetime, limit: int = 500) -> list[CompletionResult]:
+def expire_leases(
+    conn: Connection, now: datetime, limit: int = 500, pass_id: int | None = None
+) -> list[CompletionResult]:
     """Executing steps whose lease ran out (the worker died or hung): the attempt is
     recorded as `retryable` with reason lease_expired and a retry due now — or as
     `failed` when it was the last attempt, by the same rule as any other outcome."""
@@ -156,6 +187,7 @@ def expire_leases(conn: Connection, now: datetime, limit: int = 500) -> list[Com
             f"{still.lease_expires_at.isoformat()}; recorded as {result.status}",
             now=now,
             evidence={"lease_owner": still.lease_owner, "attempt": r.attempt},
+            pass_id=pass_id,
         )
         results.append(result)
     return results

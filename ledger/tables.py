@@ -163,6 +163,8 @@ steps = Table(
     _partial_index(
         "ix_streamflow_steps_lease_expiry", "lease_expires_at", where="state = 'executing'"
     ),
+    # The reconciler looks at steps that finished since its last pass.
+    Index("ix_streamflow_steps_finished_at", "finished_at"),
 )
 
 edges = Table(
@@ -215,6 +217,8 @@ attempts = Table(
         ["workflow_id", "step"], [steps.c.workflow_id, steps.c.name], ondelete="CASCADE"
     ),
     CheckConstraint("status IN ('completed','retryable','failed','cancelled')", name="status"),
+    # The reconciler looks at outcomes recorded since its last pass.
+    Index("ix_streamflow_attempts_recorded_at", "recorded_at"),
 )
 
 evidence = Table(
@@ -239,12 +243,14 @@ evidence = Table(
     Column("dedupe_key", String(200)),
     Column("created_at", UTCDateTime, nullable=False),
     Index(None, "workflow_id", "id"),
-    # One consumed record per completion event: a redelivery finds it and is a duplicate.
+    # One record accounting for each completion event — consumed by a consumer, or found
+    # dropped by the reconciler — so a redelivery is a duplicate and the reconciler never
+    # declares an event dropped twice.
     _partial_index(
-        "uq_streamflow_evidence_consumed_event",
+        "uq_streamflow_evidence_accounted_event",
         "workflow_id",
         "dedupe_key",
-        where="kind = 'event' AND classification = 'consumed'",
+        where="kind = 'event' AND classification IN ('consumed', 'dropped')",
         unique=True,
     ),
 )

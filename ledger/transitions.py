@@ -249,7 +249,7 @@ def reconcile_descendants(
     queue = deque(finished)
     while queue:
         parent = queue.popleft()
-        for kid in _children_with_deps(conn, workflow_id, parent):
+        for kid in children_with_deps(conn, workflow_id, parent):
             if kid.state is not StepState.PENDING:
                 continue
             child, deps = kid.name, kid.deps
@@ -336,7 +336,7 @@ class _Child:
     deps: list[tuple[DependencyView, str]] = field(default_factory=list)
 
 
-def _children_with_deps(conn: Connection, workflow_id: str, parent: str) -> list[_Child]:
+def children_with_deps(conn: Connection, workflow_id: str, parent: str) -> list[_Child]:
     """Each child of `parent` with all of its dependencies, ordered by position."""
     e, p, c = t.edges, t.steps.alias("p"), t.steps.alias("c")
     children = (

@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 from urllib.parse import urlsplit
@@ -36,7 +37,9 @@ from streamflow.builder import Workflow
 from streamflow.config import DATABASE_URL_ENV, DatabaseChoice, Settings, resolve_database_url
 from streamflow.engine.common import now_ms, ready_messages
 from streamflow.engine.launch import EngineOptions, build_runner
+from streamflow.engine.runner import Runner
 from streamflow.explain import Explain
+from streamflow.reconciler import Reconciler, ReconcilerConfig
 from streamflow.streams.codec import CompletionEvent
 from streamflow.streams.keys import StreamKeys
 from streamflow.streams.publisher import Publisher
@@ -372,6 +375,13 @@ RedispatchOption = Annotated[
     ),
 ]
 
+ReconcileEveryOption = Annotated[
+    float,
+    typer.Option(
+        "--reconcile-every", min=0.5, help="Seconds between reconciler passes in this process."
+    ),
+]
+
 
 def _redis_url(explicit: str | None) -> str | None:
     for value in (explicit, Settings().redis_url):
@@ -486,6 +496,7 @@ def consume(
     database_url: DatabaseUrlOption = None,
     redis_url: RedisUrlOption = None,
     redispatch_after: RedispatchOption = 30.0,
+    reconcile_every: ReconcileEveryOption = 5.0,
     batch: Annotated[
         int,
         typer.Option(
@@ -493,16 +504,21 @@ def consume(
         ),
     ] = 200,
 ) -> None:
-    """Consume completion events and dispatch ready steps (with the maintenance loop).
+    """Consume completion events, dispatch ready steps, and run the reconciler.
 
     Applies each completion's release if it is missing, dispatches released children to
-    their queues' ready streams, moves due retries back to available, rescues expired
-    leases and dispatches again steps whose ready message was lost.
+    their queues' ready streams and moves due retries back to available. The reconciler
+    (every --reconcile-every seconds) rescues expired leases, dispatches again steps whose
+    ready message was lost, and repairs what dropped events left undone.
 
     **Example:** `streamflow consume --redis-url redis://localhost:6379/0`
     """
     options = EngineOptions(
-        consumer=True, maintenance=True, batch=batch, redispatch_after_seconds=redispatch_after
+        consumer=True,
+        maintenance=True,
+        batch=batch,
+        redispatch_after_seconds=redispatch_after,
+        reconcile_every=reconcile_every,
     )
     raise typer.Exit(
         _start_engine(database_url, redis_url, options, embedded_streams_allowed=False)
@@ -519,8 +535,10 @@ def run(
     database_url: DatabaseUrlOption = None,
     redis_url: RedisUrlOption = None,
     redispatch_after: RedispatchOption = 30.0,
+    reconcile_every: ReconcileEveryOption = 5.0,
 ) -> None:
-    """Everything in one process: a worker, a completion consumer and the maintenance loop.
+    """Everything in one process: a worker, a completion consumer, the dispatcher and the
+    reconciler.
 
     The easy way to start. With no database or Redis configured it uses the embedded
     SQLite ledger and an in-process stream, so it needs no servers at all.
@@ -536,6 +554,7 @@ def run(
         lease_seconds=lease_seconds,
         drain_seconds=drain_seconds,
         redispatch_after_seconds=redispatch_after,
+        reconcile_every=reconcile_every,
     )
     raise typer.Exit(_start_engine(database_url, redis_url, options, embedded_streams_allowed=True))
 
@@ -623,6 +642,84 @@ def complete(
         out.print(f"workflow finished: {result.workflow_outcome}")
     if result.applied and not published:
         out.print("not published to Redis; the dispatcher picks released steps up from the ledger")
+
+
+@app.command()
+def reconcile(
+    once: Annotated[bool, typer.Option("--once", help="Run one pass, print it, exit.")] = False,
+    every: Annotated[
+        str, typer.Option("--every", help="Loop with this interval, e.g. 5s, 500ms, 1m.")
+    ] = "5s",
+    redispatch_after: RedispatchOption = 30.0,
+    database_url: DatabaseUrlOption = None,
+    redis_url: RedisUrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Repair what the streams lost, from the ledger: one pass, or a loop.
+
+    Finds releases never applied, completion events never consumed (recorded as
+    `dropped`), expired leases, missed retries, ready messages lost, stream entries idle
+    on dead consumers, and a Redis that lost its data — repairs each once, with a
+    recovery row, and writes a summary row per pass. Safe beside running workers,
+    consumers and other reconcilers.
+
+    **Example:** `streamflow reconcile --once` or `streamflow reconcile --every 5s`
+    """
+    interval = _duration(every)
+    choice = _choose(database_url)
+    url = _redis_url(redis_url)
+    with _edge(choice):
+        engine = _open(choice)
+        transport = _connect_streams(url) if url is not None else None
+        reconciler = Reconciler(
+            engine,
+            transport,
+            _keys(),
+            ReconcilerConfig(redispatch_after=timedelta(seconds=redispatch_after)),
+        )
+        if once:
+            try:
+                summary = reconciler.run_pass()
+            finally:
+                engine.dispose()
+    if once:
+        if as_json:
+            _print_json(summary.as_dict())
+            return
+        out = _stdout()
+        if not summary.repairs:
+            out.print(f"pass {summary.pass_id}: nothing to repair ({summary.duration_ms:.1f} ms)")
+            return
+        out.print(f"pass {summary.pass_id}: {summary.total} repairs ({summary.duration_ms:.1f} ms)")
+        for kind, count in sorted(summary.repairs.items()):
+            out.print(f"  {kind:<16} {count}")
+        return
+    logs.configure()
+    runner = Runner()
+    runner.add("reconciler", lambda stop: reconciler.run(stop, interval))
+    try:
+        code = runner.run_until_signalled(0)
+    finally:
+        engine.dispose()
+    raise typer.Exit(code)
+
+
+def _duration(text: str) -> float:
+    """Seconds from "5s", "500ms", "1m" or a bare number of seconds."""
+    raw = text.strip().lower()
+    for suffix, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if raw.endswith(suffix):
+            raw, scale = raw[: -len(suffix)], factor
+            break
+    else:
+        scale = 1.0
+    try:
+        value = float(raw) * scale
+    except ValueError:
+        _fail(f"--every must look like 5s, 500ms or 1m, got {text!r}", EXIT_USAGE)
+    if value <= 0:
+        _fail(f"--every must be positive, got {text!r}", EXIT_USAGE)
+    return value
 
 
 def main() -> None:

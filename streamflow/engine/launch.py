@@ -13,6 +13,7 @@ from streamflow.engine.loader import import_apps
 from streamflow.engine.maintenance import Maintenance, MaintenanceConfig
 from streamflow.engine.runner import Runner
 from streamflow.engine.worker_runtime import WorkerConfig, WorkerRuntime
+from streamflow.reconciler import Reconciler, ReconcilerConfig
 from streamflow.streams.keys import StreamKeys
 from streamflow.streams.transport import StreamTransport
 
@@ -26,6 +27,8 @@ class EngineOptions:
     apps: tuple[str, ...] = ()
     consumer: bool = False
     maintenance: bool = False
+    #: Run the reconciler loop every this many seconds (None: not in this process).
+    reconcile_every: float | None = None
     lease_seconds: float = 30.0
     drain_seconds: float = 30.0
     redispatch_after_seconds: float = 30.0
@@ -74,13 +77,22 @@ def build_runner(
         runner.add("consumer", consumer.run)
         components.append(consumer)
     if options.maintenance:
-        maintenance = Maintenance(
-            engine,
-            transport,
-            keys,
-            MaintenanceConfig(redispatch_after=timedelta(seconds=options.redispatch_after_seconds)),
-        )
+        maintenance = Maintenance(engine, transport, keys, MaintenanceConfig())
         maintenance.queues.update(options.queues)
         runner.add("maintenance", maintenance.run)
         components.append(maintenance)
+    if options.reconcile_every is not None:
+        every = options.reconcile_every
+        reconciler = Reconciler(
+            engine,
+            transport,
+            keys,
+            ReconcilerConfig(
+                redispatch_after=timedelta(seconds=options.redispatch_after_seconds),
+                pending_idle_ms=max(options.claim_idle_ms * 2, 1000),
+                max_deliveries=options.max_deliveries,
+            ),
+        )
+        runner.add("reconciler", lambda stop: reconciler.run(stop, every))
+        components.append(reconciler)
     return runner, components

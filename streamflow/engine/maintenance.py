@@ -1,10 +1,10 @@
-"""The maintenance loop: the dispatcher and the ledger-side rescues, in the consumer process.
+"""The maintenance loop: the dispatcher, in the consumer process.
 
 Every `poll_seconds` it moves due retries back to `available` and publishes every
 available step nobody dispatched (new roots, API completions, retries). Less often it
-rescues expired leases (a worker died), dispatches again the steps whose ready message
-was lost, and trims the streams below what every group has acknowledged. Each of these
-reads one partial index, so an idle pass costs next to nothing.
+trims the streams below what every group has acknowledged. Each query reads one partial
+index, so an idle pass costs next to nothing. Repairs — expired leases, lost messages,
+dropped events — are the reconciler's (`streamflow.reconciler`), which runs beside it.
 """
 
 from __future__ import annotations
@@ -13,16 +13,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 from sqlalchemy import Engine
 
 from ledger.model import ReadyStep
 from ledger.sweeps import (
     dispatch_undispatched,
-    expire_leases,
     promote_due_retries,
-    redispatch_stale,
 )
 from ledger.transitions import unmark_dispatched
 from streamflow.engine.common import in_transaction, ready_messages, utcnow
@@ -36,10 +33,6 @@ from streamflow.streams.transport import StreamTransport
 @dataclass(frozen=True, slots=True)
 class MaintenanceConfig:
     poll_seconds: float = 0.1
-    lease_check_seconds: float = 1.0
-    #: A dispatched step still unclaimed after this is dispatched again.
-    redispatch_after: timedelta = timedelta(seconds=30)
-    redispatch_check_seconds: float = 5.0
     trim_seconds: float = 30.0
     batch: int = 500
 
@@ -48,8 +41,6 @@ class MaintenanceConfig:
 class MaintenanceStats:
     dispatched: int = 0
     retries_promoted: int = 0
-    leases_expired: int = 0
-    redispatched: int = 0
     trimmed: int = 0
 
 
@@ -77,8 +68,6 @@ class Maintenance:
 
     def __post_init__(self) -> None:
         self.publisher = Publisher(self.transport, self.keys)
-        self._leases = _Timer(self.config.lease_check_seconds)
-        self._stale = _Timer(self.config.redispatch_check_seconds)
         self._trim = _Timer(self.config.trim_seconds)
 
     def run(self, stop: threading.Event) -> None:
@@ -106,34 +95,6 @@ class Maintenance:
         self._publish(ready)
         self.stats.dispatched += len(ready)
         found = len(ready) >= batch or bool(promoted)
-        if self._leases.ready(now):
-            expired = in_transaction(self.engine, lambda c: expire_leases(c, utcnow(), batch))
-            self.stats.leases_expired += len(expired)
-            for x in expired:
-                log_event(
-                    "maintenance.lease_expired",
-                    logging.WARNING,
-                    workflow_id=x.workflow_id,
-                    step=x.step,
-                    attempt=x.attempt,
-                    recorded=x.status,
-                )
-            found = found or bool(expired)
-        if self._stale.ready(now):
-            after = self.config.redispatch_after
-            again = in_transaction(
-                self.engine, lambda c: redispatch_stale(c, utcnow(), after, batch)
-            )
-            self._publish(again)
-            self.stats.redispatched += len(again)
-            for r in again:
-                log_event(
-                    "maintenance.redispatched",
-                    logging.WARNING,
-                    workflow_id=r.workflow_id,
-                    step=r.step,
-                    queue=r.queue,
-                )
         if self._trim.ready(now):
             self.trim()
         return found

@@ -19,7 +19,8 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from streamflow.logs import log_event
@@ -50,7 +51,9 @@ def retrying(call: Callable[[], T], *, max_seconds: float = 120.0) -> T:
     """Run `call`, retrying transient infrastructure errors with jittered backoff."""
     for attempt in Retrying(
         retry=retry_if_exception(is_transient),
-        wait=wait_exponential_jitter(initial=0.05, max=5.0),
+        # Exponential from 50 ms to 5 s, plus jitter so restarted services are not
+        # stampeded by every process at once.
+        wait=wait_exponential(multiplier=0.05, max=5.0) + wait_random(0, 0.1),
         stop=stop_after_delay(max_seconds),
         before_sleep=_log_retry,
         reraise=True,

@@ -65,6 +65,11 @@ class StreamKeys:
         return f"{self.hash_tag}:completions"
 
     @property
+    def epoch(self) -> str:
+        """A marker the reconciler sets once; finding it gone means Redis lost its data."""
+        return f"{self.hash_tag}:epoch"
+
+    @property
     def dead_letter(self) -> str:
         return f"{self.hash_tag}:dead"
 

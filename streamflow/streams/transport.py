@@ -137,6 +137,10 @@ class StreamTransport(Protocol):
         """Raise if the server cannot be reached."""
         ...
 
+    def claim_marker(self, key: str, value: str) -> bool:
+        """SET key value NX: True if this call created it (the server had no such key)."""
+        ...
+
 
 # -- stream ids --------------------------------------------------------------------------
 
@@ -439,6 +443,9 @@ class RedisTransport:
 
     def ping(self) -> None:
         self.client.ping()
+
+    def claim_marker(self, key: str, value: str) -> bool:
+        return bool(self.client.set(key, value, nx=True))
 
 
 def _entries(reply: Any) -> list[Entry]:

@@ -1,0 +1,254 @@
+"""The reconciler's ledger side: find what the streams lost, repair it, keep the record.
+
+Each finder reads an index over recent rows (steps finished, outcomes recorded since a
+watermark) or over one live state, so a pass costs in proportion to the recent activity
+and what it finds, not to the size of the ledger. Each repair re-checks its condition
+under the workflow lock and is idempotent, so two reconcilers (two hosts) running at the
+same time never apply anything twice: the second finds nothing left to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, String, and_, cast, exists, insert, select, update
+
+from ledger import tables as t
+from ledger.db import lock_workflow
+from ledger.evidence import record_evidence
+from ledger.model import ReadyStep
+from ledger.recoveries import record_recovery
+from ledger.rules import TERMINAL_STATES, StepState, decide_child
+from ledger.transitions import Changes, apply_changes, children_with_deps, reconcile_descendants
+
+_TERMINAL = [s.value for s in TERMINAL_STATES]
+
+
+# -- passes ------------------------------------------------------------------------------
+
+
+def start_pass(conn: Connection, host: str, now: datetime) -> int:
+    result = conn.execute(
+        insert(t.reconciler_passes)
+        .values(host=host, started_at=now)
+        .returning(t.reconciler_passes.c.id)
+    )
+    return int(result.scalar_one())
+
+
+def finish_pass(conn: Connection, pass_id: int, summary: dict[str, Any], now: datetime) -> None:
+    conn.execute(
+        update(t.reconciler_passes)
+        .where(t.reconciler_passes.c.id == pass_id)
+        .values(finished_at=now, summary=summary)
+    )
+
+
+def last_pass_start(conn: Connection) -> datetime | None:
+    """When the latest finished pass started: the next pass looks at what changed since."""
+    p = t.reconciler_passes
+    return conn.execute(
+        select(p.c.started_at)
+        .where(p.c.finished_at.is_not(None))
+        .order_by(p.c.started_at.desc())
+        .limit(1)
+    ).scalar()
+
+
+# -- completion events that never arrived ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DroppedEvent:
+    workflow_id: str
+    step: str
+    attempt: int
+    status: str
+    key: str
+    #: Steps released or cancelled because the release had not been applied.
+    repaired: tuple[str, ...] = ()
+
+
+def _event_key(a: Any) -> Any:
+    """The completion event's idempotency key, computed in SQL from an attempt row."""
+    return a.c.workflow_id + ":" + a.c.step + ":" + cast(a.c.attempt, String) + ":" + a.c.status
+
+
+def find_dropped_events(
+    conn: Connection, since: datetime, until: datetime, limit: int
+) -> list[tuple[str, str, int, str]]:
+    """Outcomes workers recorded between `since` and `until` whose completion event no
+    consumer ever consumed (and nobody declared dropped yet)."""
+    a, e = t.attempts, t.evidence
+    key = _event_key(a)
+    accounted = exists().where(
+        e.c.workflow_id == a.c.workflow_id,
+        e.c.kind == "event",
+        e.c.classification.in_(("consumed", "dropped")),
+        e.c.dedupe_key == key,
+    )
+    rows = conn.execute(
+        select(a.c.workflow_id, a.c.step, a.c.attempt, a.c.status)
+        .where(
+            a.c.recorded_at >= since,
+            a.c.recorded_at < until,
+            a.c.source == "worker",
+            ~accounted,
+        )
+        .order_by(a.c.recorded_at)
+        .limit(limit)
+    ).all()
+    return [(r.workflow_id, r.step, r.attempt, r.status) for r in rows]
+
+
+def repair_dropped_event(
+    conn: Connection,
+    workflow_id: str,
+    step: str,
+    attempt: int,
+    status: str,
+    now: datetime,
+    pass_id: int | None,
+    source: str,
+) -> DroppedEvent | None:
+    """Declare one event dropped (once: the unique index on accounted events and the
+    workflow lock see to it) and apply whatever it would have applied."""
+    key = f"{workflow_id}:{step}:{attempt}:{status}"
+    wf = lock_workflow(conn, workflow_id)
+    e = t.evidence
+    already = conn.execute(
+        select(e.c.id).where(
+            e.c.workflow_id == workflow_id,
+            e.c.kind == "event",
+            e.c.dedupe_key == key,
+            e.c.classification.in_(("consumed", "dropped")),
+        )
+    ).first()
+    if already is not None:
+        return None
+    record_evidence(
+        conn,
+        workflow_id=workflow_id,
+        step=step,
+        kind="event",
+        classification="dropped",
+        source=source,
+        now=now,
+        status=status,
+        attempt=attempt,
+        dedupe_key=key,
+        reason="not_consumed_in_time",
+    )
+    repaired: list[str] = []
+    state = conn.execute(
+        select(t.steps.c.state).where(t.steps.c.workflow_id == workflow_id, t.steps.c.name == step)
+    ).scalar()
+    if state is not None and StepState(state) in TERMINAL_STATES:
+        changes = Changes()
+        reconcile_descendants(conn, workflow_id, [step], changes, now)
+        repaired = changes.released + changes.cancelled
+        if repaired:
+            apply_changes(conn, wf, changes, now)
+    record_recovery(
+        conn,
+        workflow_id=workflow_id,
+        step=step,
+        repair="dropped_event",
+        reason=f"the completion event for attempt {attempt} ({status}) was never consumed"
+        + (f"; applied the release of {', '.join(repaired)}" if repaired else ""),
+        now=now,
+        pass_id=pass_id,
+        evidence={"key": key, "repaired": repaired},
+    )
+    return DroppedEvent(workflow_id, step, attempt, status, key, tuple(repaired))
+
+
+# -- releases that were never applied ---------------------------------------------------
+
+
+def find_unapplied_releases(conn: Connection, since: datetime, limit: int) -> list[tuple[str, str]]:
+    """(workflow, parent) pairs: a step that finished since `since` and has a pending
+    child. Most are children legitimately waiting on other parents; the repair decides."""
+    p, e, c = t.steps.alias("p"), t.edges, t.steps.alias("c")
+    rows = conn.execute(
+        select(p.c.workflow_id, p.c.name)
+        .join(e, and_(e.c.workflow_id == p.c.workflow_id, e.c.parent == p.c.name))
+        .join(c, and_(c.c.workflow_id == e.c.workflow_id, c.c.name == e.c.child))
+        .where(
+            p.c.finished_at >= since,
+            p.c.state.in_(_TERMINAL),
+            c.c.state == StepState.PENDING.value,
+        )
+        .distinct()
+        .limit(limit)
+    ).all()
+    return [(r.workflow_id, r.name) for r in rows]
+
+
+def repair_releases(
+    conn: Connection,
+    workflow_id: str,
+    parent: str,
+    now: datetime,
+    pass_id: int | None,
+) -> list[str]:
+    """Apply the release or cascade `parent`'s children are owed, if any; the steps changed."""
+    wf = lock_workflow(conn, workflow_id)
+    owed = [
+        kid.name
+        for kid in children_with_deps(conn, workflow_id, parent)
+        if kid.state is StepState.PENDING and decide_child([d for d, _ in kid.deps]).kind != "wait"
+    ]
+    if not owed:
+        return []
+    changes = Changes()
+    reconcile_descendants(conn, workflow_id, [parent], changes, now)
+    apply_changes(conn, wf, changes, now)
+    changed = changes.released + changes.cancelled
+    for step in changed:
+        action = "released" if step in changes.released else "cancelled"
+        record_recovery(
+            conn,
+            workflow_id=workflow_id,
+            step=step,
+            repair="release",
+            reason=f"{parent!r} finished but {step!r} was still pending; {action} it",
+            now=now,
+            pass_id=pass_id,
+            evidence={"parent": parent, "action": action},
+        )
+    return changed
+
+
+# -- streams lost altogether --------------------------------------------------------------
+
+
+def undispatch_all_available(conn: Connection) -> list[ReadyStep]:
+    """After Redis lost its data every ready message is gone: mark every available step
+    undispatched so the dispatcher sends it again. Returns the steps, for the record."""
+    s = t.steps
+    rows = conn.execute(
+        select(s.c.workflow_id, s.c.name, s.c.queue, s.c.priority).where(
+            s.c.state == StepState.AVAILABLE.value, s.c.dispatched_at.is_not(None)
+        )
+    ).all()
+    conn.execute(
+        update(s)
+        .where(s.c.state == StepState.AVAILABLE.value, s.c.dispatched_at.is_not(None))
+        .values(dispatched_at=None)
+    )
+    return [ReadyStep(r.workflow_id, r.name, r.queue, r.priority) for r in rows]
+
+
+def live_queues(conn: Connection) -> list[str]:
+    """Queues with steps that are available or executing: their ready streams matter."""
+    s = t.steps
+    return list(
+        conn.execute(
+            select(s.c.queue)
+            .where(s.c.state.in_((StepState.AVAILABLE.value, StepState.EXECUTING.value)))
+            .distinct()
+        ).scalars()
+    )
