@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     #: Prefix of every stream key (inside a Redis Cluster hash tag).
     stream_prefix: str = "streamflow"
+    #: A chaos fault plan (JSON) for the chaos suite's processes; never set it otherwise.
+    chaos: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
