@@ -49,11 +49,9 @@ def finish_pass(conn: Connection, pass_id: int, summary: dict[str, Any], now: da
 def last_pass_start(conn: Connection) -> datetime | None:
     """When the latest finished pass started: the next pass looks at what changed since."""
     p = t.reconciler_passes
+    # Newest first by primary key: an index walk however many passes are on record.
     return conn.execute(
-        select(p.c.started_at)
-        .where(p.c.finished_at.is_not(None))
-        .order_by(p.c.started_at.desc())
-        .limit(1)
+        select(p.c.started_at).where(p.c.finished_at.is_not(None)).order_by(p.c.id.desc()).limit(1)
     ).scalar()
 
 
@@ -243,12 +241,13 @@ def undispatch_all_available(conn: Connection) -> list[ReadyStep]:
 
 
 def live_queues(conn: Connection) -> list[str]:
-    """Queues with steps that are available or executing: their ready streams matter."""
+    """Queues with steps that are available or executing: their ready streams matter.
+
+    One query per state, so each reads its own partial index rather than the table.
+    """
     s = t.steps
-    return list(
-        conn.execute(
-            select(s.c.queue)
-            .where(s.c.state.in_((StepState.AVAILABLE.value, StepState.EXECUTING.value)))
-            .distinct()
-        ).scalars()
-    )
+    queues: dict[str, None] = {}
+    for state in (StepState.AVAILABLE, StepState.EXECUTING):
+        for q in conn.execute(select(s.c.queue).where(s.c.state == state.value).distinct()):
+            queues[q.queue] = None
+    return list(queues)

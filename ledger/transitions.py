@@ -260,7 +260,12 @@ def reconcile_descendants(
                     workflow_id,
                     child,
                     StepState.PENDING,
-                    {"state": StepState.AVAILABLE.value, "available_at": now, "updated_at": now},
+                    {
+                        "state": StepState.AVAILABLE.value,
+                        "available_at": now,
+                        "dispatched_at": None,
+                        "updated_at": now,
+                    },
                 ):
                     changes.move(StepState.PENDING, StepState.AVAILABLE)
                     changes.released.append(child)
