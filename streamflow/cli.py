@@ -192,26 +192,89 @@ def _print_json(data: Any) -> None:
 
 
 @app.command()
-def demo(database_url: DatabaseUrlOption = None, as_json: JsonOption = False) -> None:
-    """Build, insert and complete real example workflows, and explain a waiting step.
+def demo(
+    database_url: DatabaseUrlOption = None,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            "--redis-url",
+            help="Redis for the demo's streams, e.g. redis://localhost:6379/0. Only with "
+            "--database-url or $STREAMFLOW_DATABASE_URL (streams and ledger belong "
+            "together); defaults to $STREAMFLOW_REDIS_URL, else an in-process stream.",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Run real example workflows end to end through an in-process engine, and watch them.
 
-    Runs five small workflows against the ledger: a customer sync step by step, a fan-out
-    / fan-in, a failure that cascade-cancels while cleanup still runs, duplicate and
-    ambiguous completions kept as evidence, and a step waiting on a retry.
+    Inserts five small workflows — a customer sync passing results along, a fan-out /
+    fan-in, a failure that cascade-cancels while a `continue` cleanup still runs, a flaky
+    step that succeeds on retry, and one whose outcome is then replayed by hand — starts a
+    worker, a completion consumer, the dispatcher and the reconciler in this process, and
+    shows every step live until all have finished. Then it prints what the ledger recorded
+    and explains a cancelled step.
 
-    The embedded SQLite database is created and migrated on first use; a database given
-    with --database-url must have been migrated with `streamflow migrate`.
+    No servers needed: the embedded SQLite database is created and migrated on first use
+    and the streams live in this process. A database given with --database-url must have
+    been migrated with `streamflow migrate`.
 
     **Example:** `streamflow demo --json`
     """
+    from rich.console import RenderableType
+    from rich.live import Live
+
+    from streamflow.demo import QUEUES, DemoError, Progress
+
     choice = _choose(database_url)
+    console = _stdout()
+    last: list[Progress] = []
+
+    def draw(p: Progress) -> RenderableType:
+        return render.progress(p, streams=streams, queues=QUEUES)
+
     with _edge(choice):
+        if choice.embedded and redis_url is not None and redis_url.strip():
+            raise CliError(
+                "--redis-url needs --database-url (or STREAMFLOW_DATABASE_URL): the streams "
+                "and the ledger belong together, and the demo on the embedded SQLite "
+                "database uses an in-process stream",
+                EXIT_USAGE,
+            )
+        url = None if choice.embedded else _redis_url(redis_url)
+        if choice.embedded and _redis_url(None) is not None:
+            _stderr().print(
+                "Ignoring STREAMFLOW_REDIS_URL: the demo on the embedded SQLite database "
+                "uses an in-process stream.",
+                soft_wrap=True,
+            )
+        streams = "an in-process stream (fakeredis)" if url is None else _safe_redis(url)
         engine = _open(choice, migrate_embedded=True)
         try:
-            report = demo_module.run_demo(engine)
+            transport = _connect_streams(url)
+            if not as_json:
+                console.print(f"[dim]database: {escape(_safe(choice.url))}[/dim]")
+            try:
+                if not as_json and console.is_terminal:
+                    with Live(console=console, refresh_per_second=10, transient=True) as live:
+
+                        def show(p: Progress) -> None:
+                            last[:] = [p]
+                            live.update(draw(p))
+
+                        report = demo_module.run_demo(
+                            engine, transport, _keys(), streams=streams, on_progress=show
+                        )
+                else:
+                    report = demo_module.run_demo(
+                        engine, transport, _keys(), streams=streams, on_progress=last.append
+                    )
+            except DemoError as exc:
+                if last and not as_json:
+                    console.print(draw(last[-1]))
+                raise CliError(str(exc)) from None
         finally:
             engine.dispose()
-    explained = report.explained
     if as_json:
         _print_json(
             {
@@ -220,18 +283,35 @@ def demo(database_url: DatabaseUrlOption = None, as_json: JsonOption = False) ->
             }
         )
         return
-    flag = "" if choice.embedded else " --database-url URL"
-    console = _stdout()
-    console.print(f"[dim]database: {escape(_safe(choice.url))}[/dim]")
+    console.print(draw(last[-1]))
     for part in render.demo(report):
         console.print(part)
+    flag = "" if choice.embedded else " --database-url URL"
+    fan = report.workflow("fan_out")
+    explained = report.explained
+    replayed = report.workflow("evidence")
     console.print()
-    console.print("Try it yourself:", style="bold")
-    for command in (
-        f"streamflow explain {explained.workflow_id} {explained.step}{flag}",
-        f"streamflow status {explained.workflow_id}{flag}",
+    console.print("Try next:", style="bold")
+    for command, what in (
+        (f"streamflow status {fan.workflow_id}{flag}", "the fan-out's DAG, every step labelled"),
+        (
+            f"streamflow explain {explained.workflow_id} {explained.step}{flag}",
+            "why a step was cancelled",
+        ),
+        (
+            f"streamflow explain {replayed.workflow_id} {report.replayed_step}{flag}",
+            "a step flagged for review",
+        ),
     ):
-        console.print(f"  {command}", soft_wrap=True)
+        console.print(f"  {command}  [dim]# {what}[/dim]", soft_wrap=True)
+    console.print(
+        "  Your own workers: put Worker subclasses in myapp.py, insert a workflow with "
+        "Workflow.insert, then run them with",
+        soft_wrap=True,
+    )
+    console.print(
+        f"  PYTHONPATH=. streamflow run --app myapp --queues default{flag}", soft_wrap=True
+    )
 
 
 @app.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Group, RenderableType
@@ -26,7 +27,7 @@ from ledger.placeholders import referenced_steps
 from ledger.rules import DependencyView
 
 if TYPE_CHECKING:
-    from streamflow.demo import DemoReport, Report, Scenario, Snapshot
+    from streamflow.demo import Attempt, DemoReport, DemoWorkflow, Progress, Report
 
 #: The colour of each operator label.
 LABEL_STYLES: dict[str, str] = {
@@ -47,6 +48,7 @@ OUTCOME_STYLES: dict[str, str] = {
 
 CLASSIFICATION_STYLES: dict[str, str] = {
     "applied": "green",
+    "consumed": "green",
     "duplicate": "yellow",
     "late": "yellow",
     "ambiguous": "magenta",
@@ -152,24 +154,6 @@ def _attempts(attempt: int, max_attempts: int) -> str:
 
 def _names(names: Iterable[str]) -> str:
     return ", ".join(names) or "-"
-
-
-def states_table(views: Sequence[StepView], *, title: str | None = None) -> Table:
-    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
-    table.add_column("step", style="bold")
-    table.add_column("label")
-    table.add_column("state")
-    table.add_column("attempts", justify="right")
-    table.add_column("why")
-    for v in views:
-        table.add_row(
-            v.name,
-            label_text(v.label),
-            v.state,
-            _attempts(v.attempt, v.max_attempts),
-            Text(v.reason, style="dim"),
-        )
-    return table
 
 
 def counters_line(counters: dict[str, int]) -> Text:
@@ -335,131 +319,272 @@ def status_dict(record: WorkflowRecord, views: Sequence[StepView]) -> dict[str, 
 # -- the demo --------------------------------------------------------------------------------------
 
 
+def progress(p: Progress, *, streams: str, queues: Sequence[str]) -> RenderableType:
+    """The live view: every step of every demo workflow, as the ledger has it now."""
+    head = Text()
+    head.append("Running ", style="bold")
+    head.append(f"{len(p.workflows)} workflows", style="bold")
+    head.append(
+        f" through the engine in this process: a worker for queues {_names(queues)}, "
+        f"a completion consumer, the dispatcher and the reconciler, on {streams}."
+    )
+    status = Text()
+    status.append(f"{p.elapsed:4.1f} s  ", style="dim")
+    done = p.finished == len(p.workflows)
+    status.append(
+        f"{p.finished} of {len(p.workflows)} workflows finished",
+        style="bold green" if done else "bold yellow",
+    )
+
+    table = Table(show_edge=False, pad_edge=False, expand=False)
+    table.add_column("workflow", no_wrap=True)
+    table.add_column("step", style="bold", no_wrap=True)
+    table.add_column("label", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("attempts", justify="right", no_wrap=True)
+    # The only column that gives way on a narrow terminal: each reason stays on one line.
+    table.add_column("why", style="dim")
+    for n, w in enumerate(p.workflows):
+        if n:
+            table.add_section()
+        for i, v in enumerate(w.steps):
+            who: Text | str = ""
+            if i == 0:
+                who = Text(w.workflow_name, style="bold")
+            elif i == 1:
+                who = (
+                    Text(w.outcome, style=f"bold {OUTCOME_STYLES.get(w.outcome, '')}")
+                    if w.outcome
+                    else Text(w.state, style="yellow")
+                )
+                if w.needs_review:
+                    who.append(", review", style="magenta")
+            why = Text(
+                "" if v.label in ("Done", "Running") else v.reason,
+                no_wrap=True,
+                overflow="ellipsis",
+            )
+            table.add_row(
+                who,
+                v.name,
+                label_text(v.label),
+                v.state,
+                _attempts(v.attempt, v.max_attempts),
+                why,
+            )
+    return Group(head, status, Text(""), table)
+
+
 def demo(report: DemoReport) -> list[RenderableType]:
-    """The demo's scenarios, then the explanation of the step it left waiting."""
+    """What the demo found in the ledger once every workflow had finished."""
+    wf = report.workflow
     out: list[RenderableType] = [
-        Rule(Text("Streamflow demo", style="bold")),
-        Text(report.note, style="italic"),
+        Text(""),
+        Rule(Text("What the ledger recorded", style="bold")),
+        _outcomes(report),
     ]
-    for scenario in report.scenarios:
-        out += [
-            Text(""),
-            Rule(Text(scenario.title, style="bold"), align="left"),
-            Text(scenario.summary),
-        ]
-        out += _scenario(scenario)
-    explained = report.explained
+
+    sync = wf("customer_sync")
+    out += _section(1, sync)
+    out += [
+        _fact("sync_billing args as stored", compact_json(report.args_stored)),
+        _fact("sync_billing args as its worker saw them", compact_json(report.args_resolved)),
+        Text(""),
+        _results(sync, title="stored results"),
+    ]
+
+    fan = wf("fan_out")
+    out += _section(2, fan)
+    title = Text()
+    title.append(fan.final.workflow_name, style="bold")
+    title.append(f"  ({fan.workflow_id})", style="dim")
+    out += [
+        dag_tree(title, fan.final.steps),
+        _fact("merge_reports returned", compact_json(fan.results.get("merge_reports"))),
+    ]
+
+    failure = wf("failure")
+    out += _section(3, failure)
+    out += [_attempt_table(report.failed_step, report.failed_attempts, report.started_at), Text("")]
+    for key, step, by, root in report.cancelled:
+        if key != failure.key:
+            continue
+        cause = f"{by}" if by == root or root is None else f"{by} (root cause: {root})"
+        out.append(_fact(f"{step} cancelled by", cause))
+    ran = [s.name for s in failure.final.steps if s.state == "completed"]
+    for step in ran:
+        out.append(_fact(f"{step} ran anyway and returned", compact_json(failure.results[step])))
+
+    retry = wf("retry")
+    out += _section(4, retry)
+    out += [
+        _attempt_table(report.flaky_step, report.attempts, report.started_at),
+        Text(""),
+        _fact("publish_prices returned", compact_json(retry.results.get("publish_prices"))),
+    ]
+
+    evidence = wf("evidence")
+    out += _section(5, evidence)
+    note = Text(
+        f"By hand, after the engine run: {report.replayed_step}'s outcome is reported again "
+        "with Workflow.complete_step, as a redelivered or confused message would.",
+        style="italic",
+    )
+    out += [note, Text(""), _replay_table(report.replay), Text("")]
+    out += [_evidence_table(report), Text("")]
+    verdict = Text("workflow ")
+    verdict.append(evidence.final.workflow_name, style="bold")
+    verdict.append(": ")
+    verdict.append_text(outcome_text(evidence.final.state, evidence.final.outcome))
+    if evidence.final.needs_review:
+        verdict.append(f"  ({report.replayed_step} needs review)", style="magenta")
+    out.append(verdict)
+
+    e = report.explained
     out += [
         Text(""),
-        Rule(
-            Text(
-                f"{len(report.scenarios) + 1}. Explain: why is {explained.step} not running?",
-                style="bold",
-            ),
-            align="left",
-        ),
-        explanation(explained),
+        Rule(Text(f"6. Explain: why is {e.step} {e.state}?", style="bold"), align="left"),
+        explanation(e),
+        Text(""),
+        Rule(Text("The engine's own counts", style="bold"), align="left"),
+        _engine(report),
     ]
     return out
 
 
-def _facts(s: Scenario, at: int | None) -> list[RenderableType]:
-    out: list[RenderableType] = []
-    for index, name, value in s.facts:
-        if at is None or index == at:
-            line = Text()
-            line.append(f"{name}: ", style="dim")
-            line.append(value)
-            out.append(line)
-    return out
+def _section(n: int, w: DemoWorkflow) -> list[RenderableType]:
+    return [
+        Text(""),
+        Rule(Text(f"{n}. {w.title}", style="bold"), align="left"),
+        Text(w.summary),
+        Text(""),
+    ]
 
 
-def _scenario(s: Scenario) -> list[RenderableType]:
-    out: list[RenderableType] = []
-    if s.key == "customer_sync":
-        # Step by step: every step's state after each report.
-        for index, snap in enumerate(s.timeline):
-            out += [Text(""), _caption(snap), states_table(snap.steps), *_facts(s, index)]
-        results = Table(title="results", title_justify="left", show_edge=False, pad_edge=False)
-        results.add_column("step", style="bold")
-        results.add_column("stored result")
-        for step, payload in sorted(s.results.items()):
-            results.add_row(step, compact_json(payload))
-        out += [Text(""), results]
-    else:
-        final = Text()
-        final.append(s.workflow_name, style="bold")
-        final.append(f"  ({s.workflow_id})", style="dim")
-        out += [
-            Text(""),
-            _timeline(s.timeline),
-            Text(""),
-            dag_tree(final, s.final.steps),
-            *_facts(s, None),
-        ]
-    last = s.final
-    verdict = Text("workflow ")
-    verdict.append(s.workflow_name, style="bold")
-    verdict.append(": ")
-    verdict.append_text(outcome_text(last.workflow_state, last.workflow_outcome))
-    if last.needs_review:
-        verdict.append("  (needs review)", style="magenta")
-    out += [Text(""), verdict]
-    return out
+def _fact(name: str, value: str) -> Text:
+    line = Text()
+    line.append(f"{name}: ", style="dim")
+    line.append(value)
+    return line
 
 
-def _caption(snap: Snapshot) -> Text:
-    if snap.after is None:
-        return Text("inserted", style="bold")
-    return _report_line(snap.after)
+def _outcomes(report: DemoReport) -> Table:
+    table = Table(show_edge=False, pad_edge=False)
+    table.add_column("workflow", style="bold", no_wrap=True)
+    table.add_column("outcome", no_wrap=True)
+    table.add_column("id", style="dim", no_wrap=True, min_width=32)
+    for w in report.workflows:
+        final = w.final
+        outcome = (
+            Text(final.outcome, style=f"bold {OUTCOME_STYLES.get(final.outcome, '')}")
+            if final.outcome
+            else Text(final.state, style="yellow")
+        )
+        if final.needs_review:
+            outcome.append(", needs review", style="magenta")
+        table.add_row(final.workflow_name, outcome, w.workflow_id)
+    return table
 
 
-def _report_line(r: Report) -> Text:
-    text = Text()
-    text.append(f"{r.step} reported {r.status}", style="bold")
-    text.append(" -> ")
-    text.append(r.classification, style=CLASSIFICATION_STYLES.get(r.classification, ""))
-    if r.released:
-        text.append(f"; released {_names(r.released)}", style="cyan")
-    if r.cancelled:
-        text.append(f"; cancelled {_names(r.cancelled)}", style="red")
-    if r.workflow_outcome:
-        text.append(f"; workflow finished: {r.workflow_outcome}")
-    return text
+def _results(w: DemoWorkflow, *, title: str) -> Table:
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    table.add_column("step", style="bold")
+    table.add_column("stored result")
+    for v in w.final.steps:
+        if v.name in w.results:
+            table.add_row(v.name, compact_json(w.results[v.name]))
+    return table
 
 
-def _timeline(timeline: Sequence[Snapshot]) -> Table:
+def _attempt_table(step: str, attempts: Sequence[Attempt], started_at: datetime) -> Table:
+    table = Table(
+        title=f"attempts of {step}, from the ledger",
+        title_justify="left",
+        show_edge=False,
+        pad_edge=False,
+    )
+    table.add_column("#", justify="right")
+    table.add_column("status")
+    table.add_column("recorded", justify="right")
+    table.add_column("payload", overflow="fold")
+    for a in attempts:
+        status = Text(a.status, style=OUTCOME_STYLES.get(a.status, "yellow"))
+        if a.reason:
+            status.append(f" ({a.reason})", style="dim")
+        at = f"{(a.recorded_at - started_at).total_seconds():.2f} s"
+        table.add_row(str(a.attempt), status, at, compact_json(a.payload))
+    table.caption = "recorded: seconds after the engine started"
+    table.caption_justify = "left"
+    return table
+
+
+def _replay_table(reports: Sequence[Report]) -> Table:
     table = Table(show_edge=False, pad_edge=False)
     table.add_column("#", justify="right", style="dim")
-    table.add_column("report")
+    table.add_column("reported")
     table.add_column("ledger", overflow="fold")
     table.add_column("effect")
-    n = 0
-    for snap in timeline:
-        r = snap.after
-        if r is None:
-            continue
-        n += 1
-        report = Text()
-        report.append(f"{r.step} {r.status}", style="bold")
+    for n, r in enumerate(reports, 1):
+        reported = Text()
+        reported.append(f"{r.step} {r.status} {compact_json(r.payload)}", style="bold")
         if r.note:
-            report.append(f"\n{r.note}", style="dim")
+            reported.append(f"\n{r.note}", style="dim")
         ledger = Text(r.classification, style=CLASSIFICATION_STYLES.get(r.classification, ""))
         if r.reason:
             ledger.append(f"\n{r.reason}", style="dim")
         effect = Text()
-        if r.released:
-            effect.append(f"released {_names(r.released)}\n", style="cyan")
-        if r.cancelled:
-            effect.append(f"cancelled {_names(r.cancelled)}\n", style="red")
         if r.classification != "applied":
-            effect.append("kept as evidence; nothing changed\n", style="yellow")
+            effect.append("kept as evidence; nothing changed", style="yellow")
         if r.classification == "ambiguous":
-            effect.append(f"first result stands; {r.step} flagged for review\n", style="magenta")
-        if r.workflow_outcome:
-            effect.append(f"workflow finished: {r.workflow_outcome}\n")
-        effect.rstrip()
-        if not effect.plain:
-            effect = Text("-", style="dim")
-        table.add_row(str(n), report, ledger, effect)
+            effect.append(f"\nfirst result stands; {r.step} flagged for review", style="magenta")
+        table.add_row(str(n), reported, ledger, effect)
     return table
+
+
+def _evidence_table(report: DemoReport) -> Table:
+    table = Table(
+        title=f"evidence rows for {report.replayed_step}",
+        title_justify="left",
+        show_edge=False,
+        pad_edge=False,
+    )
+    for column in ("kind", "classification", "source", "status", "attempt", "reason"):
+        table.add_column(column)
+    for e in report.evidence:
+        table.add_row(
+            e.kind,
+            Text(e.classification, style=CLASSIFICATION_STYLES.get(e.classification, "")),
+            e.source,
+            e.status or "-",
+            "-" if e.attempt is None else str(e.attempt),
+            e.reason or "-",
+        )
+    return table
+
+
+def _engine(report: DemoReport) -> RenderableType:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="dim")
+    grid.add_column()
+    for name, stats in report.engine.items():
+        grid.add_row(name, counters_line(stats))
+    grid.add_row(
+        "run",
+        f"{report.elapsed:.2f} s from start until every workflow had finished; "
+        f"the ledger was read {report.polls} times meanwhile",
+    )
+    parts: list[RenderableType] = [grid]
+    if report.log:
+        parts.append(Text(f"the engine logged {len(report.log)} warning(s):", style="yellow"))
+        parts += [Text(f"  {line}", style="yellow") for line in report.log]
+        if any(line.event == "reconciler.streams_reset" for line in report.log):
+            parts.append(
+                Text(
+                    "  (streams_reset: the reconciler found that the streams lost their data "
+                    "since its last pass, as an in-process stream does in every new process, "
+                    "and dispatched the available steps again; a second ready message for a "
+                    "step is refused at claim, so nothing runs twice.)",
+                    style="dim",
+                )
+            )
+    return Group(*parts)
