@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +19,10 @@ from typing import Any
 import pytest
 
 from ledger.db import make_engine
+from ledger.migrate import upgrade
 from streamflow import Dep, Explain, Workflow
+from tests.engine_app import Add, Echo
+from tests.integration.processes import ROOT, wait_for
 from tests.workers import Noop
 
 EMBEDDED_NOTICE = "sqlite:///./streamflow.db"
@@ -85,6 +89,10 @@ def demo_json(demo_dir: Path, demo_text: Run) -> dict[str, Any]:
     return data
 
 
+def by_key(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {w["key"]: w for w in data["workflows"]}
+
+
 def test_demo_creates_the_embedded_database_and_says_so(demo_dir: Path, demo_text: Run) -> None:
     assert demo_text.code == 0, demo_text.err
     assert (demo_dir / "streamflow.db").exists()
@@ -92,125 +100,238 @@ def test_demo_creates_the_embedded_database_and_says_so(demo_dir: Path, demo_tex
     assert "STREAMFLOW_DATABASE_URL" in demo_text.err
     assert "--database-url" in demo_text.err
     assert "Traceback" not in demo_text.err
+    # The engine's JSON log lines stay off the screen.
+    assert not [line for line in demo_text.err.splitlines() if line.lstrip().startswith("{")]
 
 
-def test_demo_prints_each_scenario_with_its_states(demo_text: Run) -> None:
+def test_demo_runs_the_workflows_through_the_engine(demo_text: Run) -> None:
     out = demo_text.out
-    assert "No engine runs workers yet" in out
-    # 1. customer sync, step by step
-    assert "fetch_customer reported completed -> applied; released sync_billing" in out
-    assert "sync_billing reported completed -> applied; released cleanup" in out
-    assert '"$streamflow.result": "fetch_customer"' in out
-    assert '"customer": {"customer_id": 1, "email": "ada@example.com"}' in out
-    assert "workflow sync_customer: finished, outcome completed" in out
+    assert "No engine runs workers yet" not in out
+    # Not a terminal: no animation, the final view printed once.
+    assert out.count("Running 5 workflows through the engine in this process") == 1
+    assert "stream (fakeredis)" in out
+    assert "5 of 5 workflows finished" in out
+    # 1. customer sync: the placeholder as stored, and resolved for the worker
+    assert '"customer": {"$streamflow.result": "fetch_customer"}' in out
+    assert '"customer": {"customer_id": 42, "email": "customer42@example.com"' in out
+    assert '"billed_to": "customer42@example.com"' in out
     # 2. fan-out / fan-in
-    assert "released summarize_eu, summarize_us, summarize_apac" in out
-    assert "released merge_reports" in out
-    assert "[joins 3: summarize_eu, summarize_us, summarize_apac]" in out
-    assert "workflow regional_report: finished, outcome completed" in out
+    assert "[joins 4: summarize_eu, summarize_us, summarize_apac, summarize_latam]" in out
     # 3. the failure cascade
-    assert "cancelled send_receipt, archive_receipt" in out
-    assert "released release_hold" in out
+    assert "RuntimeError: card declined for 4999 cents" in out
     assert "archive_receipt cancelled by: send_receipt (root cause: charge_card)" in out
-    assert "workflow checkout: finished, outcome failed" in out
-    # 4. evidence
-    assert "duplicate" in out
-    assert "conflicts_with_recorded_outcome" in out
-    assert "workflow send_invoice: finished, outcome completed  (needs review)" in out
-    # 5./6. the explain report, label first
-    assert "workflow price_update: running" in out
-    assert out.index("WAITING") < out.index("waiting_on_retryable_dependency")
-    assert "streamflow explain " in out
+    assert "release_hold ran anyway and returned" in out
+    # 4. the retry
+    assert "TimeoutError: rates API timed out" in out
+    # 5. the by-hand replay
+    assert "By hand, after the engine run" in out
+    assert "duplicate" in out and "conflicts_with_recorded_outcome" in out
+    assert "workflow send_invoice: finished, outcome completed  (issue_invoice needs review)" in out
+    # 6. the explain report, label first
+    assert out.index("CANCELLED") < out.index("cancelled_by_dependency")
+    assert "The engine's own counts" in out
+    assert "the engine logged" not in out  # a first run on a fresh database: no warnings
+    assert "streamflow explain " in out and "streamflow status " in out
+    assert "streamflow run --app myapp --queues default" in out
 
 
-def test_demo_json_records_what_the_ledger_did(demo_json: dict[str, Any]) -> None:
+def test_demo_json_records_what_the_engine_did(demo_json: dict[str, Any]) -> None:
     assert demo_json["database"] == {"url": "sqlite:///./streamflow.db", "embedded": True}
-    scenarios = {s["key"]: s for s in demo_json["scenarios"]}
-    assert {k: s["outcome"] for k, s in scenarios.items()} == {
-        "customer_sync": "completed",
-        "fan_out": "completed",
-        "failure": "failed",
-        "evidence": "completed",
-        "retry": None,
+    assert demo_json["streams"] == "an in-process stream (fakeredis)"
+    # A second run on the same database: the reconciler sees that the in-process stream
+    # is new and dispatches again (a warning it logs); nothing else may complain.
+    assert {(line["level"], line["event"]) for line in demo_json["engine_log"]} <= {
+        ("warning", "reconciler.streams_reset"),
+        ("warning", "reconciler.repaired"),
+    }
+    wfs = by_key(demo_json)
+    assert {k: (w["state"], w["outcome"]) for k, w in wfs.items()} == {
+        "customer_sync": ("finished", "completed"),
+        "fan_out": ("finished", "completed"),
+        "failure": ("finished", "failed"),
+        "retry": ("finished", "completed"),
+        "evidence": ("finished", "completed"),
     }
 
-    sync = scenarios["customer_sync"]
-    states = [{v["name"]: v["state"] for v in snap["steps"]} for snap in sync["timeline"]]
-    assert states == [
-        {"fetch_customer": "available", "sync_billing": "pending", "cleanup": "pending"},
-        {"fetch_customer": "completed", "sync_billing": "available", "cleanup": "pending"},
-        {"fetch_customer": "completed", "sync_billing": "completed", "cleanup": "available"},
-        {"fetch_customer": "completed", "sync_billing": "completed", "cleanup": "completed"},
-    ]
-    assert sync["results"]["fetch_customer"] == {"customer_id": 1, "email": "ada@example.com"}
+    sync = wfs["customer_sync"]
+    customer = {"customer_id": 42, "email": "customer42@example.com", "plan": "pro"}
+    assert sync["results"]["fetch_customer"] == customer
+    assert demo_json["customer_sync"]["sync_billing_args_resolved"]["customer"] == customer
+    assert sync["results"]["sync_billing"]["invoice_id"] == "inv_0042"
+    assert sync["results"]["cleanup"]["dependency_results_seen"] == ["sync_billing"]
     assert {"parent": "sync_billing", "child": "cleanup", "policy": "continue"} in sync["edges"]
 
-    fan = scenarios["fan_out"]
-    released = [(r["after"]["step"], r["after"]["released"]) for r in fan["timeline"][1:]]
-    assert released == [
-        ("load_orders", ["summarize_eu", "summarize_us", "summarize_apac"]),
-        ("summarize_eu", []),
-        ("summarize_us", []),
-        ("summarize_apac", ["merge_reports"]),
-        ("merge_reports", []),
+    fan = wfs["fan_out"]
+    summaries = [v for k, v in fan["results"].items() if k.startswith("summarize_")]
+    assert len(summaries) == 4
+    merged = fan["results"]["merge_reports"]
+    assert merged["revenue"] == sum(s["revenue"] for s in summaries)
+    assert merged["orders"] == sum(s["orders"] for s in summaries)
+    assert {(s["state"], s["attempt"]) for s in fan["steps"]} == {("completed", 1)}
+
+    failure = {s["name"]: s for s in wfs["failure"]["steps"]}
+    assert failure["charge_card"]["state"] == "failed"
+    assert failure["release_hold"]["state"] == "completed"
+    assert demo_json["cancelled"] == [
+        {
+            "workflow": "failure",
+            "step": "send_receipt",
+            "cancelled_by": "charge_card",
+            "root_cause": "charge_card",
+        },
+        {
+            "workflow": "failure",
+            "step": "archive_receipt",
+            "cancelled_by": "send_receipt",
+            "root_cause": "charge_card",
+        },
     ]
+    [charge] = demo_json["failure"]["attempts"]
+    assert (charge["status"], charge["reason"]) == ("failed", "attempts_exhausted")
 
-    failure = scenarios["failure"]
-    first = failure["timeline"][1]["after"]
-    assert first["cancelled"] == ["send_receipt", "archive_receipt"]
-    assert first["released"] == ["release_hold"]
-    final = {v["name"]: v for v in failure["timeline"][-1]["steps"]}
-    assert final["archive_receipt"]["cancelled_by_step"] == "send_receipt"
-    assert final["archive_receipt"]["cancel_root_step"] == "charge_card"
-    assert final["release_hold"]["state"] == "completed"
-    assert final["charge_card"]["label"] == "Needs Review"
+    attempts = demo_json["retry"]["attempts"]
+    assert [(a["attempt"], a["status"], a["source"]) for a in attempts] == [
+        (1, "retryable", "worker"),
+        (2, "completed", "worker"),
+    ]
+    assert "rates API timed out" in attempts[0]["payload"]["error"]
+    retry = {s["name"]: s for s in wfs["retry"]["steps"]}
+    assert retry["fetch_rates"]["attempt"] == 2
+    assert wfs["retry"]["results"]["publish_prices"] == {"published": 3}
 
-    evidence = scenarios["evidence"]
-    kinds = [snap["after"]["classification"] for snap in evidence["timeline"][1:]]
-    assert kinds == ["applied", "duplicate", "ambiguous", "applied"]
-    assert evidence["results"]["issue_invoice"] == {"invoice_id": "inv_2002"}
+    replay = demo_json["replay"]
+    assert replay["step"] == "issue_invoice"
+    assert [r["classification"] for r in replay["reports"]] == ["duplicate", "ambiguous"]
+    # (A ready message sent twice would add a `delivery` row; that depends on timing.)
+    assert [
+        (e["kind"], e["classification"], e["source"])
+        for e in replay["evidence"]
+        if e["kind"] != "delivery"
+    ] == [
+        ("event", "consumed", "consumer"),
+        ("completion", "duplicate", "api"),
+        ("completion", "ambiguous", "api"),
+    ]
+    # The first result stands; the workflow is flagged for review.
+    assert wfs["evidence"]["results"]["issue_invoice"]["invoice_id"] == "inv_0007"
+    assert wfs["evidence"]["needs_review"] is True
+
+    # 3 + 6 + 2 (two were cancelled) + 4 (one retry) + 2 claims: each attempt ran once,
+    # whatever ready messages were sent twice.
+    worker = demo_json["engine"]["worker"]
+    assert (worker["claimed"], worker["completed"], worker["retried"], worker["failed"]) == (
+        17,
+        15,
+        1,
+        1,
+    )
 
     explain = demo_json["explain"]
-    assert explain["step"] == "convert_prices"
-    assert explain["label"] == "Waiting"
-    assert explain["state"] == "pending"
-    assert explain["blocker_codes"] == ["waiting_on_retryable_dependency"]
-    assert explain["dependencies"][0]["state"] == "retryable"
+    assert explain["step"] == "archive_receipt"
+    assert explain["label"] == "Cancelled"
+    assert explain["blocker_codes"] == ["cancelled_by_dependency"]
+    assert (explain["cancelled_by_step"], explain["cancel_root_step"]) == (
+        "send_receipt",
+        "charge_card",
+    )
 
 
 def test_status_and_explain_on_what_the_demo_left(
     demo_dir: Path, demo_json: dict[str, Any]
 ) -> None:
-    scenarios = {s["key"]: s for s in demo_json["scenarios"]}
-    fan_id = scenarios["fan_out"]["workflow_id"]
+    wfs = by_key(demo_json)
+    fan_id = wfs["fan_out"]["workflow_id"]
 
     status = streamflow(demo_dir, "status", fan_id, "--json")
     assert status.code == 0, status.err
     data = status.json()
     assert data["workflow"]["outcome"] == "completed"
-    assert data["workflow"]["counters"]["completed"] == 5
+    assert data["workflow"]["counters"]["completed"] == 6
     steps = {s["name"]: s for s in data["steps"]}
-    assert steps["load_orders"]["children"] == ["summarize_eu", "summarize_us", "summarize_apac"]
-    assert [d["step"] for d in steps["merge_reports"]["deps"]] == [
-        "summarize_eu",
-        "summarize_us",
-        "summarize_apac",
-    ]
+    regions = ["summarize_eu", "summarize_us", "summarize_apac", "summarize_latam"]
+    assert steps["load_orders"]["children"] == regions
+    assert [d["step"] for d in steps["merge_reports"]["deps"]] == regions
     assert {s["label"] for s in data["steps"]} == {"Done"}
 
     tree = streamflow(demo_dir, "status", fan_id)
     assert tree.code == 0, tree.err
-    # The fan-in step appears under each of its three parents, marked.
-    assert tree.out.count("merge_reports") == 3
-    assert tree.out.count("[joins 3: summarize_eu, summarize_us, summarize_apac]") == 3
+    # The fan-in step appears under each of its four parents, marked.
+    assert tree.out.count("merge_reports") == 4
+    assert tree.out.count("[joins 4: " + ", ".join(regions) + "]") == 4
 
-    retry_id = scenarios["retry"]["workflow_id"]
-    explain = streamflow(demo_dir, "explain", retry_id, "convert_prices")
+    evidence_id = wfs["evidence"]["workflow_id"]
+    explain = streamflow(demo_dir, "explain", evidence_id, "issue_invoice")
     assert explain.code == 0, explain.err
-    label_at = explain.out.index("WAITING")
-    assert label_at < explain.out.index("waiting for the retry of 'fetch_rates'")
-    assert label_at < explain.out.index("waiting_on_retryable_dependency")
-    assert "fetch_rates" in explain.out and "retryable" in explain.out
+    label_at = explain.out.index("NEEDS REVIEW")
+    assert label_at < explain.out.index("a conflicting outcome was reported")
+    assert label_at < explain.out.index("ambiguous_outcome")
+
+
+def test_demo_on_the_embedded_database_refuses_a_redis_url(tmp_path: Path) -> None:
+    run = streamflow(tmp_path, "demo", "--redis-url", "redis://127.0.0.1:6379/0")
+    assert_one_line_error(run, code=2, contains="--redis-url needs --database-url")
+
+
+# -- `streamflow run` on the embedded default --------------------------------------------
+
+
+def test_run_executes_a_workflow_on_the_embedded_default(tmp_path: Path) -> None:
+    """`streamflow run` with no URLs at all: the SQLite file in its working directory and
+    an in-process stream. A workflow inserted with the library runs to completion, and
+    SIGTERM stops the process cleanly."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'streamflow.db'}")
+    # Migrated before the process starts, so two first-time migrations cannot race.
+    upgrade(engine)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMFLOW_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    args = ["run", "--app", "tests.engine_app", "--queues", "default"]
+    log_path = tmp_path / "run.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamflow", *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        wait_for(
+            lambda: "worker.started" in log_path.read_text(),
+            20,
+            "the worker to start",
+            on_timeout=log_path.read_text,
+        )
+        wf = (
+            Workflow.new("run_embedded", {})
+            .add("a", Add.new({"values": [1, 2]}))
+            .add("b", Add.new({"base": Workflow.result("a"), "values": [10]}), deps=["a"])
+            .add("c", Echo.new({}), deps=["b"])
+        )
+        workflow_id = Workflow.insert(wf, engine).id
+        record = wait_for(
+            lambda: (r := Workflow.get(engine, workflow_id)).finished and r,
+            20,
+            "the workflow to finish",
+            on_timeout=log_path.read_text,
+        )
+        results = Workflow.results(engine, workflow_id)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        engine.dispose()
+    output = log_path.read_text()
+    assert code == 0, output
+    assert record.outcome == "completed"
+    assert results["a"] == 3
+    assert results["b"] == 13
+    assert results["c"]["deps"] == ["b"]
+    assert "Using an in-process stream" in output
+    events = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert [e["failed"] for e in events if e["event"] == "process.stopped"] == [[]]
 
 
 # -- help --------------------------------------------------------------------------------
@@ -248,10 +369,10 @@ def test_unknown_workflow_is_one_line(migrated_dir: Path, args: list[str], conta
 
 
 def test_unknown_step_lists_the_known_ones(demo_dir: Path, demo_json: dict[str, Any]) -> None:
-    retry_id = demo_json["explain"]["workflow_id"]
-    run = streamflow(demo_dir, "explain", retry_id, "nope")
+    checkout_id = demo_json["explain"]["workflow_id"]
+    run = streamflow(demo_dir, "explain", checkout_id, "nope")
     assert_one_line_error(run, code=1, contains="has no step 'nope'")
-    assert "'convert_prices'" in run.error_lines[0]
+    assert "'archive_receipt'" in run.error_lines[0]
 
 
 def test_reading_before_any_database_exists_says_what_to_run(tmp_path: Path) -> None:
@@ -373,10 +494,12 @@ def test_migrate_and_demo_on_a_migrated_postgres(tmp_path: Path, postgres_url: s
     assert demo.code == 0, demo.err
     data = demo.json()
     assert data["database"]["embedded"] is False
-    assert [s["outcome"] for s in data["scenarios"]] == [
+    assert data["streams"] == "an in-process stream (fakeredis)"
+    assert [w["outcome"] for w in data["workflows"]] == [
         "completed",
         "completed",
         "failed",
         "completed",
-        None,
+        "completed",
     ]
+    assert not (tmp_path / "streamflow.db").exists()
