@@ -650,7 +650,7 @@ def run_demo(
                     )
                 if progress.elapsed > timeout:
                     raise DemoError(
-                        f"the demo workflows did not finish within {timeout:.0f} s; "
+                        f"the demo workflows did not finish within {timeout:g} s; "
                         f"unfinished: {_unfinished(progress)}"
                     )
                 runner.stop.wait(poll_seconds)
