@@ -43,6 +43,7 @@ from streamflow.reconciler import Reconciler, ReconcilerConfig
 from streamflow.streams.codec import CompletionEvent
 from streamflow.streams.keys import StreamKeys
 from streamflow.streams.publisher import Publisher
+from streamflow.streams.seam import wrap_for_chaos
 from streamflow.streams.transport import StreamTransport
 from streamflow.streams.transport import connect as connect_streams
 
@@ -474,7 +475,7 @@ def _connect_streams(url: str | None) -> StreamTransport:
     """A transport that answered a PING, or a one-line error."""
     where = "the in-process stream" if url is None else _safe_redis(url)
     try:
-        transport = connect_streams(url)
+        transport = wrap_for_chaos(connect_streams(url), Settings().chaos)
         transport.ping()
     except ValueError as exc:
         raise CliError(f"not a usable Redis URL: {exc}", EXIT_USAGE) from None
