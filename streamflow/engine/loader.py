@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from functools import lru_cache
 
 from streamflow.worker import Worker
@@ -31,6 +33,13 @@ def load_worker(path: str) -> type[Worker]:
 
 
 def import_apps(modules: list[str]) -> None:
-    """Import the user's worker modules at start, so a typo fails fast and loudly."""
+    """Import the user's worker modules at start, so a typo fails fast and loudly.
+
+    The current directory is importable, as with `python -m`: `streamflow run --app
+    myapp` finds ./myapp.py without PYTHONPATH.
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
     for name in modules:
         importlib.import_module(name)
