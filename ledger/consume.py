@@ -60,10 +60,12 @@ def consume_completions(
 
 def _consume_one(conn: Connection, ev: CompletionEventView, now: datetime, source: str) -> Consumed:
     def keep(classification: str, reason: str | None = None) -> Consumed:
+        # An event may name ids longer than any the ledger holds (it is then unmatched);
+        # the evidence keeps what fits rather than failing the whole batch.
         record_evidence(
             conn,
-            workflow_id=ev.workflow_id,
-            step=ev.step,
+            workflow_id=ev.workflow_id[: t.WORKFLOW_ID],
+            step=ev.step[: t.STEP_NAME],
             kind="event",
             classification=classification,
             source=source,
@@ -71,7 +73,7 @@ def _consume_one(conn: Connection, ev: CompletionEventView, now: datetime, sourc
             status=ev.status,
             attempt=ev.attempt,
             reason=reason,
-            dedupe_key=ev.idempotency_key,
+            dedupe_key=ev.idempotency_key[:300],
         )
         return Consumed(ev, classification)
 

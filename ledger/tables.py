@@ -240,7 +240,8 @@ evidence = Table(
     Column("attempt", Integer),
     Column("payload", JSONValue),
     Column("reason", String(60)),
-    Column("dedupe_key", String(200)),
+    #: For completion events: "workflow_id:step:attempt:status" (up to ~250 characters).
+    Column("dedupe_key", String(300)),
     Column("created_at", UTCDateTime, nullable=False),
     Index(None, "workflow_id", "id"),
     # One record accounting for each completion event — consumed by a consumer, or found

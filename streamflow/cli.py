@@ -21,16 +21,15 @@ import redis.exceptions
 import typer
 from rich.console import Console
 from rich.markup import escape
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from ledger.db import make_engine, transaction
 from ledger.errors import LedgerError, SchemaNotReadyError
 from ledger.migrate import current_revision, ensure_current, head_revision, upgrade
-from ledger.model import CompletionResult
 from ledger.rules import CompletionStatus
-from ledger.transitions import complete_step
+from ledger.transitions import complete_step, unmark_dispatched
 from streamflow import demo as demo_module
 from streamflow import logs, render
 from streamflow.builder import Workflow
@@ -670,35 +669,38 @@ def complete(
     url = _redis_url(redis_url)
     with _edge(choice):
         engine = _open(choice)
+        # Reach Redis before writing: if it is down, the outcome is still recorded, but the
+        # released steps are left for the dispatcher instead of being marked as sent.
+        publisher: Publisher | None = None
+        unreachable = ""
+        if url is not None:
+            try:
+                publisher = Publisher(_connect_streams(url), _keys())
+            except CliError as exc:
+                unreachable = str(exc)
         try:
-
-            def record(conn: Connection) -> CompletionResult:
-                return complete_step(
+            with transaction(engine) as conn:
+                result = complete_step(
                     conn,
                     workflow_id,
                     step,
                     step_status,
                     value,
                     source="cli",
-                    dispatch=url is not None,
+                    dispatch=publisher is not None,
                 )
-
-            with transaction(engine) as conn:
-                result = record(conn)
         finally:
             engine.dispose()
         published = False
-        if url is not None and result.applied:
-            publisher = Publisher(_connect_streams(url), _keys())
+        if publisher is not None and result.applied:
             published = publisher.publish_ready(ready_messages(result.ready))
-            published = (
-                publisher.publish_completion(
-                    CompletionEvent(
-                        workflow_id, step, CompletionStatus(result.status), result.attempt, now_ms()
-                    )
-                )
-                and published
+            event = CompletionEvent(
+                workflow_id, step, CompletionStatus(result.status), result.attempt, now_ms()
             )
+            published = publisher.publish_completion(event) and published
+            if not published and result.ready:
+                with engine.begin() as conn:
+                    unmark_dispatched(conn, result.ready)
     summary = {
         "workflow_id": workflow_id,
         "step": step,
@@ -709,6 +711,7 @@ def complete(
         "cancelled": list(result.cancelled),
         "workflow_outcome": result.workflow_outcome,
         "published": published,
+        "publish_error": unreachable or None,
     }
     if as_json:
         _print_json(summary)
@@ -722,7 +725,10 @@ def complete(
     if result.workflow_outcome:
         out.print(f"workflow finished: {result.workflow_outcome}")
     if result.applied and not published:
-        out.print("not published to Redis; the dispatcher picks released steps up from the ledger")
+        why = f" ({unreachable})" if unreachable else ""
+        out.print(
+            f"not published to Redis{why}; the dispatcher picks released steps up from the ledger"
+        )
 
 
 @app.command()

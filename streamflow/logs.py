@@ -15,9 +15,14 @@ from typing import Any
 logger = logging.getLogger("streamflow")
 
 
-def log_event(event: str, level: int = logging.INFO, **fields: Any) -> None:
-    """Log `event` (dotted, e.g. "worker.step_started") with bounded key/value fields."""
-    logger.log(level, event, extra={"sf_fields": fields})
+def log_event(
+    event: str, level: int = logging.INFO, *, exc_info: bool = False, **fields: Any
+) -> None:
+    """Log `event` (dotted, e.g. "worker.step_started") with bounded key/value fields.
+
+    `exc_info=True` attaches the exception being handled, as with `logging`.
+    """
+    logger.log(level, event, exc_info=exc_info, extra={"sf_fields": fields})
 
 
 class JsonLineFormatter(logging.Formatter):

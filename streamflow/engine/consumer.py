@@ -78,19 +78,20 @@ class CompletionConsumer:
                 entries = self.transport.read_group(
                     group, self.config.name, [stream], self.config.batch, self.config.block_ms
                 )
+                if entries:
+                    # Unacknowledged entries of a failed batch stay pending on this
+                    # consumer and are taken over again once idle: nothing is lost.
+                    self.process(entries)
             except Exception as exc:
                 if not is_transient(exc):
                     raise
                 log_event(
-                    "consumer.stream_unavailable",
+                    "consumer.unavailable",
                     logging.WARNING,
                     consumer=self.config.name,
                     error=str(exc)[:200],
                 )
                 stop.wait(1.0)
-                continue
-            if entries:
-                self.process(entries)
         log_event("consumer.stopped", consumer=self.config.name, **vars(self.stats))
 
     def take_over_idle(self) -> None:
@@ -111,31 +112,55 @@ class CompletionConsumer:
             self.process(keep)
 
     def process(self, entries: list[Entry]) -> None:
-        """Consume a batch: one ledger transaction, then publish, then acknowledge."""
-        views: list[CompletionEventView] = []
-        ids: list[str] = []
+        """Consume a batch: one ledger transaction, then publish, then acknowledge.
+
+        If the batch fails for a reason that is not a passing outage, its entries are
+        consumed one by one so a single poisonous entry is dead-lettered (and recorded)
+        instead of stopping the consumer or holding the others back.
+        """
+        decoded: list[tuple[Entry, CompletionEventView]] = []
         for entry in entries:
             try:
                 ev = decode_completion(entry.fields)
             except MalformedEntry as exc:
                 self._dead_letter(entry, exc.problem, 1)
                 continue
-            views.append(
-                CompletionEventView(
-                    ev.workflow_id, ev.step, ev.status.value, ev.attempt, ev.idempotency_key
-                )
+            view = CompletionEventView(
+                ev.workflow_id, ev.step, ev.status.value, ev.attempt, ev.idempotency_key
             )
-            ids.append(entry.id)
-        if views:
-            source = f"consumer:{self.config.name}"
-            results = in_transaction(
-                self.engine, lambda conn: consume_completions(conn, views, utcnow(), source)
-            )
-            self._publish(results)
-        if ids:
-            retrying(
-                lambda: self.transport.ack(self.keys.completions, self.keys.completion_group, ids)
-            )
+            decoded.append((entry, view))
+        if not decoded:
+            return
+        try:
+            self._consume([view for _, view in decoded])
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            for entry, view in decoded:
+                try:
+                    self._consume([view])
+                except Exception as one:
+                    if is_transient(one):
+                        raise
+                    self._poison(entry, one)
+                    continue
+                self._ack([entry.id])
+            return
+        self._ack([entry.id for entry, _ in decoded])
+
+    def _consume(self, views: list[CompletionEventView]) -> None:
+        source = f"consumer:{self.config.name}"
+        results = in_transaction(
+            self.engine, lambda conn: consume_completions(conn, views, utcnow(), source)
+        )
+        self._publish(results)
+
+    def _ack(self, ids: list[str]) -> None:
+        retrying(lambda: self.transport.ack(self.keys.completions, self.keys.completion_group, ids))
+
+    def _poison(self, entry: Entry, exc: Exception) -> None:
+        log_event("consumer.entry_failed", logging.ERROR, entry=entry.id, exc_info=True)
+        self._dead_letter(entry, f"ledger refused it: {type(exc).__name__}", 1)
 
     def _publish(self, results: list[Consumed]) -> None:
         ready = [r for c in results for r in c.ready]

@@ -241,7 +241,7 @@ class WorkerRuntime:
                 ),
             )
         except LedgerError as exc:
-            retrying(lambda: self.transport.ack(entry.stream, self.keys.workers_group, [entry.id]))
+            self._ack(entry)
             log_event(
                 "worker.ready_unmatched",
                 logging.WARNING,
@@ -250,8 +250,8 @@ class WorkerRuntime:
                 error=str(exc),
             )
             return
-        retrying(lambda: self.transport.ack(entry.stream, self.keys.workers_group, [entry.id]))
         if isinstance(claim, ClaimRefused):
+            self._ack(entry)
             if claim.verdict.value == "duplicate":
                 self.stats.duplicates += 1
             log_event(
@@ -263,9 +263,30 @@ class WorkerRuntime:
             )
             return
         self.stats.claimed += 1
-        self._run(claim)
+        self._run(claim, entry)
 
-    def _run(self, claim: Claim) -> None:
+    def _ack(self, entry: Entry) -> None:
+        """Acknowledge a handled ready entry, once, without waiting on Redis.
+
+        Never retried here: the claim (or its refusal) is already in the ledger, so an
+        entry left pending is harmless — whoever takes it over later finds the step
+        claimed and records a duplicate. Blocking on it instead would hold a claimed step
+        back while its lease ran out.
+        """
+        try:
+            self.transport.ack(entry.stream, self.keys.workers_group, [entry.id])
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log_event(
+                "worker.ack_failed",
+                logging.WARNING,
+                stream=entry.stream,
+                entry=entry.id,
+                error=str(exc)[:200],
+            )
+
+    def _run(self, claim: Claim, entry: Entry) -> None:
         ctx = StepContext(
             workflow_id=claim.workflow_id,
             workflow_name=claim.workflow_name,
@@ -279,6 +300,8 @@ class WorkerRuntime:
         key = (claim.workflow_id, claim.step)
         with self._lock:
             self._running[key] = running
+        # Registered first, so the heartbeat renews the lease even if the ack is slow.
+        self._ack(entry)
         log_event(
             "worker.step_started",
             workflow_id=claim.workflow_id,
@@ -288,7 +311,7 @@ class WorkerRuntime:
         )
         try:
             status, payload = self._perform(claim, ctx)
-            self._record(claim, status, payload)
+            self._record(claim, status, payload, running)
         finally:
             with self._lock:
                 self._running.pop(key, None)
@@ -316,7 +339,7 @@ class WorkerRuntime:
             }
         return "completed", result
 
-    def _record(self, claim: Claim, status: str, payload: Any) -> None:
+    def _record(self, claim: Claim, status: str, payload: Any, running: _Running) -> None:
         def record(conn: Any, status: str, payload: Any) -> CompletionResult:
             return complete_step(
                 conn,
@@ -337,6 +360,9 @@ class WorkerRuntime:
             # fix, recorded as a failure the operator can read.
             problem = {"error": f"the step's result could not be stored: {exc}"}
             result = in_transaction(self.engine, lambda conn: record(conn, "failed", problem))
+        # The outcome is in the ledger: the heartbeat must not mistake the lease it just
+        # gave up for a lost one.
+        running.done.set()
         self._count(result)
         log_event(
             "worker.step_finished",

@@ -13,7 +13,7 @@ the ledger against what a fault-free run must produce:
 - each workflow's counters equal a recount of its steps' states.
 
 Everything is bounded: conditions are polled with deadlines, never slept on. The tests
-at the end pin engine bugs these faults found; they are strict xfails until fixed.
+at the end pin engine bugs these faults found (fixed since).
 """
 
 from __future__ import annotations
@@ -558,16 +558,9 @@ def test_worker_and_consumer_sigkilled_mid_run_and_replaced(
     assert {owner.split("-")[-2] for *_, owner in rescued} <= {str(doomed.popen.pid)}
 
 
-# -- bugs found: each asserts the right behaviour, xfail until fixed -------------------------------
+# -- bugs these tests found, fixed: each pins the right behaviour -------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ledger.consume records evidence with the event's idempotency key in "
-    "streamflow_evidence.dedupe_key VARCHAR(200); a legitimate step name longer than ~150 "
-    "characters (names may have 200) overflows it, PostgreSQL raises DataError, which is not "
-    "transient, and CompletionConsumer.run lets it kill the consumer process",
-)
 def test_a_long_step_name_does_not_kill_the_completion_consumer(
     pg_engine: Engine, redis_url: str, make_cluster: Callable[[str], Cluster]
 ) -> None:
@@ -606,13 +599,6 @@ def test_a_long_step_name_does_not_kill_the_completion_consumer(
     assert consumed() == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`streamflow complete` commits the outcome with dispatch=True (children marked "
-    "dispatched), then fails with 'cannot reach Redis' and exit 1 without unmarking them: "
-    "the recorded outcome looks like a failure, and the children wait for the stale "
-    "redispatch (30 s by default) instead of the dispatcher's next poll",
-)
 def test_complete_by_hand_with_redis_down_records_and_the_dispatcher_starts_children(
     pg_engine: Engine, redis_url: str, make_cluster: Callable[[str], Cluster]
 ) -> None:
