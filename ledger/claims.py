@@ -15,10 +15,10 @@ from sqlalchemy import Connection, select, update
 
 from ledger import tables as t
 from ledger.db import lock_workflow
-from ledger.errors import StepNotFoundError
 from ledger.evidence import record_evidence
 from ledger.placeholders import referenced_steps, resolve
 from ledger.rules import ClaimVerdict, StepState, classify_claim
+from ledger.steps import step_not_found
 from ledger.transitions import Changes, apply_changes, set_step_if
 
 #: How a ready message that cannot claim its step is kept as evidence.
@@ -78,14 +78,7 @@ def claim_step(
         .first()
     )
     if row is None:
-        known = (
-            conn.execute(
-                select(s.c.name).where(s.c.workflow_id == workflow_id).order_by(s.c.position)
-            )
-            .scalars()
-            .all()
-        )
-        raise StepNotFoundError(workflow_id, step, list(known))
+        raise step_not_found(conn, workflow_id, step)
     state = StepState(row["state"])
     verdict = classify_claim(state)
     if verdict is not ClaimVerdict.CLAIM:

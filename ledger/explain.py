@@ -10,10 +10,10 @@ from sqlalchemy import Connection, select
 
 from ledger import tables as t
 from ledger.blockers import Blocker, Label, StepFacts, diagnose
-from ledger.errors import StepNotFoundError
 from ledger.placeholders import referenced_steps
 from ledger.reads import workflow_row
 from ledger.rules import DependencyView, EdgePolicy, StepState, dependency_satisfied
+from ledger.steps import step_not_found
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,14 +88,7 @@ def explain_step(conn: Connection, workflow_id: str, step: str) -> StepExplanati
         .first()
     )
     if row is None:
-        known = (
-            conn.execute(
-                select(s.c.name).where(s.c.workflow_id == workflow_id).order_by(s.c.position)
-            )
-            .scalars()
-            .all()
-        )
-        raise StepNotFoundError(workflow_id, step, list(known))
+        raise step_not_found(conn, workflow_id, step)
 
     p = s.alias("p")
     dep_rows = conn.execute(

@@ -13,7 +13,7 @@ from sqlalchemy import Connection, insert, select, update
 
 from ledger import tables as t
 from ledger.db import lock_workflow
-from ledger.errors import InvalidCompletionError, StepNotFoundError
+from ledger.errors import InvalidCompletionError
 from ledger.evidence import record_evidence
 from ledger.jsonsafe import json_problems
 from ledger.model import CompletionResult, ReadyStep
@@ -32,6 +32,7 @@ from ledger.rules import (
     state_for_status,
     workflow_outcome,
 )
+from ledger.steps import step_not_found
 
 #: The workflow counter column for each step state.
 COUNTER_COLUMNS: dict[StepState, str] = {s: f"{s.value}_count" for s in StepState}
@@ -307,14 +308,7 @@ def _step_row(conn: Connection, workflow_id: str, step: str) -> dict[str, Any]:
         .first()
     )
     if row is None:
-        known = (
-            conn.execute(
-                select(s.c.name).where(s.c.workflow_id == workflow_id).order_by(s.c.position)
-            )
-            .scalars()
-            .all()
-        )
-        raise StepNotFoundError(workflow_id, step, list(known))
+        raise step_not_found(conn, workflow_id, step)
     return dict(row)
 
 
