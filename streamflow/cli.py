@@ -812,3 +812,8 @@ def _duration(text: str) -> float:
 def main() -> None:
     """The console script's entry point."""
     app(prog_name="streamflow")
+
+
+# Command groups in their own modules register themselves on `app` when imported; this
+# comes last because they use the helpers above.
+import streamflow.commands  # noqa: E402, F401
