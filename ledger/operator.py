@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, Table, select, update
 
 from ledger import tables as t
 from ledger.blockers import Label, StepFacts, diagnose
@@ -243,11 +243,24 @@ def label_counts(conn: Connection, workflow_ids: list[str]) -> dict[str, dict[st
 _RANK = {
     "inserted": 0,
     "cancel_request": 1,
-    "attempt": 2,
-    "evidence": 3,
-    "recovery": 4,
-    "finished": 5,
+    "signal": 2,
+    "attempt": 3,
+    "evidence": 4,
+    "recovery": 5,
+    "callback": 6,
+    "finished": 7,
 }
+
+
+def _table(name: str) -> Table | None:
+    """A table looked up by name: signals and callbacks arrive with a later migration, and
+    the timeline includes them whenever the ledger has them."""
+    return t.metadata.tables.get(name)
+
+
+def _rest(row: Any, *skip: str) -> dict[str, Any]:
+    """The row's columns except `skip` and the workflow id, for an entry's detail."""
+    return {k: v for k, v in row.items() if k not in (*skip, "workflow_id")}
 
 
 def evidence_timeline(
@@ -255,17 +268,19 @@ def evidence_timeline(
 ) -> list[dict[str, Any]]:
     """Everything on record about a workflow, oldest first, as plain dicts.
 
-    Merges the workflow's creation and finish, cancel requests, applied outcomes (attempt
-    rows), evidence (every event that did not simply apply: duplicates, late, ambiguous,
-    unmatched, dropped and consumed events, deliveries, signals, operator actions) and the
-    reconciler's recoveries. Each entry has the same keys:
+    Merges the workflow's creation and finish, cancel requests, signals, applied outcomes
+    (attempt rows), evidence (every event that did not simply apply: duplicates, late,
+    ambiguous, unmatched, dropped and consumed events, deliveries, operator actions), the
+    reconciler's recoveries and the `on_finish` callback's enqueue and deliveries (when
+    the ledger has those tables). Each entry has the same keys:
 
-    `when` (aware UTC datetime), `kind` (`workflow`, `cancel_request`, `attempt`,
-    `recovery`, or the evidence row's own kind: `completion`, `event`, `delivery`,
-    `signal`, `operator`, ...), `classification` (for evidence its classification; for a
-    recovery the repair; for an attempt `applied`; `inserted`/`finished`/`requested`
-    otherwise), `step`, `attempt`, `status`, `source`, `reason` and `detail` (a dict of
-    the row's remaining fields).
+    `when` (aware UTC datetime), `kind` (`workflow`, `cancel_request`, `signal`,
+    `attempt`, `recovery`, `callback`, or the evidence row's own kind: `completion`,
+    `event`, `delivery`, `operator`, ...), `classification` (for evidence and signals
+    their classification; for a recovery the repair; for an attempt or callback delivery
+    `applied`; `inserted`/`finished`/`requested`/`enqueued` otherwise), `step`,
+    `attempt`, `status`, `source`, `reason` and `detail` (a dict of the row's remaining
+    fields).
 
     With `limit`, only the latest `limit` entries are returned (still oldest first).
     """
@@ -327,9 +342,30 @@ def evidence_timeline(
                 "classification": "requested",
                 "source": row["requested_by"],
                 "reason": row["reason"],
-                "detail": {"id": row["id"]},
+                "detail": _rest(row, "created_at", "requested_by", "reason"),
             },
         )
+
+    signals = _table("streamflow_signals")
+    if signals is not None:
+        sg = signals.c
+        for row in conn.execute(
+            newest_first(select(signals).where(sg.workflow_id == workflow_id), sg.id)
+        ).mappings():
+            add(
+                "signal",
+                row["id"],
+                {
+                    "when": row["created_at"],
+                    "classification": row["classification"],
+                    "step": row["step"],
+                    "source": row["source"],
+                    "reason": row["reason"],
+                    "detail": _rest(
+                        row, "created_at", "classification", "step", "source", "reason"
+                    ),
+                },
+            )
 
     a = t.attempts
     for row in conn.execute(
@@ -396,6 +432,48 @@ def evidence_timeline(
                 },
             },
         )
+
+    callbacks = _table("streamflow_callbacks")
+    if callbacks is not None:
+        enqueued = (
+            conn.execute(select(callbacks).where(callbacks.c.workflow_id == workflow_id))
+            .mappings()
+            .first()
+        )
+        if enqueued is not None:
+            add(
+                "callback",
+                0,
+                {
+                    "when": enqueued["created_at"],
+                    "classification": "enqueued",
+                    "source": "ledger",
+                    "detail": {
+                        k: enqueued[k]
+                        for k in ("worker", "queue", "state", "workflow_outcome")
+                        if k in enqueued
+                    },
+                },
+            )
+    deliveries = _table("streamflow_callback_attempts")
+    if deliveries is not None:
+        cd = deliveries.c
+        for row in conn.execute(
+            newest_first(select(deliveries).where(cd.workflow_id == workflow_id), cd.recorded_at)
+        ).mappings():
+            add(
+                "callback",
+                row["attempt"],
+                {
+                    "when": row["recorded_at"],
+                    "classification": "applied",
+                    "attempt": row["attempt"],
+                    "status": row["status"],
+                    "source": row["source"],
+                    "reason": row["reason"],
+                    "detail": _rest(row, "recorded_at", "attempt", "status", "source", "reason"),
+                },
+            )
 
     entries.sort(key=lambda pair: pair[0])
     ordered = [entry for _, entry in entries]

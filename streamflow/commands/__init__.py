@@ -4,3 +4,5 @@
 (`_edge`, `_choose`, `_open`, `_print_json`, `CliError`, ...) exist. Add a module here
 and import it below to add commands without touching cli.py.
 """
+
+from streamflow.commands import operator  # noqa: F401

@@ -229,6 +229,67 @@ def test_timeline_merges_every_record_in_time_order(engine: Engine) -> None:
     }
 
 
+def test_timeline_includes_signals_and_the_callback_when_the_ledger_has_them(
+    engine: Engine,
+) -> None:
+    signals = t.metadata.tables.get("streamflow_signals")
+    callbacks = t.metadata.tables.get("streamflow_callbacks")
+    deliveries = t.metadata.tables.get("streamflow_callback_attempts")
+    if signals is None or callbacks is None or deliveries is None:
+        pytest.skip("this ledger has no signal or callback tables yet")
+    wid = insert_at(engine, Workflow.new("w").add("a", Noop.new()), T0)
+    report(engine, wid, "a", "completed", when=3)
+    with engine.begin() as conn:
+        for i, classification in enumerate(("recorded", "duplicate")):
+            conn.execute(
+                insert(signals).values(
+                    workflow_id=wid,
+                    name="approval",
+                    step="a",
+                    classification=classification,
+                    payload={"ok": True},
+                    dedupe_key="k1",
+                    reason=None if i == 0 else "already_signalled",
+                    source="api",
+                    created_at=at(1 + i),
+                )
+            )
+        conn.execute(
+            insert(callbacks).values(
+                workflow_id=wid,
+                worker="tests.workers:Noop",
+                queue="default",
+                args={},
+                max_attempts=1,
+                state="completed",
+                workflow_outcome="completed",
+                counters={},
+                created_at=at(3),
+                updated_at=at(4),
+            )
+        )
+        conn.execute(
+            insert(deliveries).values(
+                workflow_id=wid, attempt=1, status="completed", source="worker", recorded_at=at(4)
+            )
+        )
+    with read(engine) as conn:
+        timeline = evidence_timeline(conn, wid)
+    assert [(e["kind"], e["classification"], e["step"]) for e in timeline] == [
+        ("workflow", "inserted", None),
+        ("signal", "recorded", "a"),
+        ("signal", "duplicate", "a"),
+        ("attempt", "applied", "a"),
+        ("callback", "enqueued", None),
+        ("workflow", "finished", None),
+        ("callback", "applied", None),
+    ]
+    duplicate = timeline[2]
+    assert (duplicate["reason"], duplicate["source"]) == ("already_signalled", "api")
+    assert duplicate["detail"]["name"] == "approval"
+    assert duplicate["detail"]["payload"] == {"ok": True}
+
+
 def test_timeline_limit_keeps_the_latest_entries(engine: Engine) -> None:
     wid = insert_at(engine, checkout(), T0)
     for i in range(5):
