@@ -125,6 +125,8 @@ def diagnose(f: StepFacts) -> Diagnosis:
                 else f", which was cancelled because {f.cancel_root_step!r} failed"
             )
             reasons.append(f"cancelled through its cancel edge from {f.cancelled_by_step!r}" + root)
+        elif f.terminal_cause == "workflow_cancelled":
+            reasons.append("cancelled by a cancel request for the whole workflow")
         else:
             reasons.append("cancelled")
 

@@ -138,3 +138,46 @@ class CompletionResult:
     @property
     def applied(self) -> bool:
         return self.classification is Classification.APPLIED
+
+
+@dataclass(frozen=True, slots=True)
+class CancelResult:
+    """What one cancel request did. The request itself is always kept as a row."""
+
+    workflow_id: str
+    #: The cancel request row's id.
+    request_id: int
+    #: applied | repeated | finished (see `ledger.rules.CancelEffect`).
+    effect: str
+    #: Steps this request cancelled, in position order.
+    cancelled: tuple[str, ...]
+    #: Of those, the steps a worker was running: their leases were revoked.
+    revoked: tuple[str, ...]
+    #: The workflow's outcome after the request: `cancelled` when applied, else the
+    #: outcome it had already recorded.
+    workflow_outcome: str | None
+
+    @property
+    def applied(self) -> bool:
+        return self.effect == "applied"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "workflow_id": self.workflow_id,
+            "request_id": self.request_id,
+            "effect": self.effect,
+            "cancelled": list(self.cancelled),
+            "revoked": list(self.revoked),
+            "workflow_outcome": self.workflow_outcome,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequestRecord:
+    id: int
+    reason: str | None
+    requested_by: str | None
+    effect: str
+    cancelled_steps: int
+    workflow_outcome: str | None
+    created_at: datetime

@@ -9,10 +9,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from ledger.cancel import cancel_requests as read_cancel_requests
+from ledger.cancel import cancel_workflow
 from ledger.db import Repo, read, transaction
 from ledger.explain import StepExplanation, explain_step
 from ledger.insert import insert_workflow
-from ledger.model import CompletionResult, WorkflowDefinition, WorkflowRecord
+from ledger.model import (
+    CancelRequestRecord,
+    CancelResult,
+    CompletionResult,
+    WorkflowDefinition,
+    WorkflowRecord,
+)
 from ledger.reads import get_results, get_workflow
 from ledger.rules import CompletionStatus
 from ledger.transitions import complete_step
@@ -62,3 +70,23 @@ def results(repo: Repo, workflow_id: str) -> dict[str, Any]:
 def explain(repo: Repo, workflow_id: str, step: str) -> StepExplanation:
     with read(repo) as conn:
         return explain_step(conn, workflow_id, step)
+
+
+def cancel(
+    repo: Repo,
+    workflow_id: str,
+    *,
+    reason: str | None = None,
+    requested_by: str | None = None,
+    source: str = "api",
+    now: datetime | None = None,
+) -> CancelResult:
+    with transaction(repo) as conn:
+        return cancel_workflow(
+            conn, workflow_id, reason=reason, requested_by=requested_by, source=source, now=now
+        )
+
+
+def cancel_requests(repo: Repo, workflow_id: str) -> list[CancelRequestRecord]:
+    with read(repo) as conn:
+        return read_cancel_requests(conn, workflow_id)

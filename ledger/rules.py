@@ -303,3 +303,34 @@ def classify_claim(state: StepState) -> ClaimVerdict:
     if state in TERMINAL_STATES:
         return ClaimVerdict.LATE
     return ClaimVerdict.NOT_READY
+
+
+# -- cancel requests -------------------------------------------------------------------
+
+
+class CancelEffect(enum.StrEnum):
+    """What a cancel request did; every request is kept, whatever its effect."""
+
+    #: The workflow was running: its unfinished steps were cancelled, outcome `cancelled`.
+    APPLIED = "applied"
+    #: An earlier request already cancelled it: nothing more to do.
+    REPEATED = "repeated"
+    #: It had already finished with another outcome, which stands.
+    FINISHED = "finished"
+
+
+def classify_cancel(outcome: str | None) -> CancelEffect:
+    """What a cancel request does to a workflow whose outcome is `outcome` (None: running)."""
+    if outcome is None:
+        return CancelEffect.APPLIED
+    if outcome == "cancelled":
+        return CancelEffect.REPEATED
+    if outcome in ("completed", "failed"):
+        return CancelEffect.FINISHED
+    raise ValueError(f"unknown workflow outcome {outcome!r}")
+
+
+def cancelled_by_request(state: StepState) -> bool:
+    """A cancel request cancels every step that is not terminal, executing ones included
+    (their lease is revoked, so the worker's late report changes nothing)."""
+    return state in UNFINISHED_STATES

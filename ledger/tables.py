@@ -110,6 +110,9 @@ workflows = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Column("finished_at", UTCDateTime),
+    #: The `on_finish` callback's job spec (worker, queue, args, max_attempts, priority),
+    #: enqueued as a `streamflow_callbacks` row when the workflow records its outcome.
+    Column("on_finish", JSONValue),
     CheckConstraint("state IN ('running','finished')", name="state"),
     CheckConstraint(
         "outcome IS NULL OR outcome IN ('completed','failed','cancelled')", name="outcome"
@@ -136,7 +139,7 @@ steps = Table(
     Column("attempt", Integer, nullable=False, server_default=text("0")),
     Column("needs_review", Boolean, nullable=False, server_default=text("false")),
     #: Why a terminal step ended: completed, failed, attempts_exhausted, cancelled,
-    #: cancelled_by_dependency.
+    #: cancelled_by_dependency, workflow_cancelled, signal_deadline_expired.
     Column("terminal_cause", String(40)),
     #: For cancelled_by_dependency: the dependency whose cancel edge cancelled this step,
     #: and the step whose failure started the cascade.
@@ -230,7 +233,7 @@ evidence = Table(
     Column("id", BigId, primary_key=True, autoincrement=True),
     Column("workflow_id", String(WORKFLOW_ID), nullable=False),
     Column("step", String(STEP_NAME)),
-    #: completion | signal | delivery
+    #: completion | event | delivery | callback (a callback's outcome or delivery)
     Column("kind", String(20), nullable=False),
     #: duplicate | late | ambiguous | consumed | recorded | unmatched | replayed | dropped
     Column("classification", String(20), nullable=False),
@@ -264,8 +267,145 @@ cancel_requests = Table(
     Column("reason", Text),
     Column("requested_by", String(200)),
     Column("created_at", UTCDateTime, nullable=False),
+    #: What the request did: applied (it cancelled the workflow), repeated (an earlier
+    #: request had already cancelled it) or finished (the workflow had already finished
+    #: with another outcome, which stands).
+    Column("effect", String(20), nullable=False, server_default=text("'applied'")),
+    #: How many steps this request cancelled.
+    Column("cancelled_steps", Integer, nullable=False, server_default=text("0")),
+    #: The workflow's outcome right after the request.
+    Column("workflow_outcome", String(16)),
     ForeignKeyConstraint(["workflow_id"], [workflows.c.id], ondelete="CASCADE"),
+    CheckConstraint("effect IN ('applied','repeated','finished')", name="effect"),
     Index(None, "workflow_id", "id"),
+)
+
+CALLBACK_STATES = "'available','executing','retryable','completed','failed','cancelled'"
+
+callbacks = Table(
+    "streamflow_callbacks",
+    metadata,
+    # One callback per workflow: the primary key makes a second enqueue impossible.
+    Column("workflow_id", String(WORKFLOW_ID), primary_key=True),
+    Column("worker", String(300), nullable=False),
+    Column("queue", String(100), nullable=False),
+    Column("args", JSONValue, nullable=False),
+    Column("max_attempts", Integer, nullable=False),
+    Column("priority", Integer, nullable=False, server_default=text("0")),
+    #: The step states minus pending: available | executing | retryable | completed |
+    #: failed | cancelled.
+    Column("state", String(16), nullable=False),
+    Column("attempt", Integer, nullable=False, server_default=text("0")),
+    #: What the callback reports: the workflow's outcome and counters when it finished.
+    Column("workflow_outcome", String(16), nullable=False),
+    Column("counters", JSONValue, nullable=False),
+    #: The completed callback's result.
+    Column("result", JSONValue),
+    Column("terminal_cause", String(40)),
+    Column("scheduled_at", UTCDateTime),
+    Column("lease_owner", String(200)),
+    Column("lease_expires_at", UTCDateTime),
+    Column("dispatched_at", UTCDateTime),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime),
+    ForeignKeyConstraint(["workflow_id"], [workflows.c.id], ondelete="CASCADE"),
+    CheckConstraint(f"state IN ({CALLBACK_STATES})", name="state"),
+    CheckConstraint("max_attempts >= 1", name="max_attempts"),
+    _partial_index(
+        "ix_streamflow_callbacks_available_dispatched",
+        "dispatched_at",
+        where="state = 'available'",
+    ),
+    _partial_index(
+        "ix_streamflow_callbacks_retry_due", "scheduled_at", where="state = 'retryable'"
+    ),
+    _partial_index(
+        "ix_streamflow_callbacks_lease_expiry", "lease_expires_at", where="state = 'executing'"
+    ),
+)
+
+callback_attempts = Table(
+    "streamflow_callback_attempts",
+    metadata,
+    # Every delivery of a callback that ran, with its result: one row per attempt.
+    Column("workflow_id", String(WORKFLOW_ID), primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("payload", JSONValue),
+    Column("reason", String(40)),
+    Column("source", String(40), nullable=False),
+    #: The worker that ran it.
+    Column("lease_owner", String(200)),
+    Column("recorded_at", UTCDateTime, nullable=False),
+    ForeignKeyConstraint(["workflow_id"], [callbacks.c.workflow_id], ondelete="CASCADE"),
+    CheckConstraint("status IN ('completed','retryable','failed','cancelled')", name="status"),
+)
+
+AWAIT_STATES = "'pending','waiting','satisfied','expired','cancelled'"
+
+awaits = Table(
+    "streamflow_awaits",
+    metadata,
+    # A step that also waits for an external signal: one row per such step.
+    Column("workflow_id", String(WORKFLOW_ID), primary_key=True),
+    Column("step", String(STEP_NAME), primary_key=True),
+    #: The signal's name; unique within a workflow.
+    Column("signal", String(STEP_NAME), nullable=False),
+    #: How long the signal may take once the await is active; None: no deadline.
+    Column("deadline_ms", BigInteger),
+    #: pending (dependencies not all satisfied; the deadline has not started) | waiting
+    #: (active: the deadline runs) | satisfied (its signal released the step) | expired
+    #: (the deadline passed; the step failed) | cancelled (the step ended otherwise).
+    Column("state", String(16), nullable=False),
+    #: The signal accepted for it: held while pending, consumed when the step is released.
+    Column("signal_id", BigId),
+    Column("activated_at", UTCDateTime),
+    Column("deadline_at", UTCDateTime),
+    Column("resolved_at", UTCDateTime),
+    ForeignKeyConstraint(
+        ["workflow_id", "step"], [steps.c.workflow_id, steps.c.name], ondelete="CASCADE"
+    ),
+    CheckConstraint(f"state IN ({AWAIT_STATES})", name="state"),
+    Index("uq_streamflow_awaits_signal", "workflow_id", "signal", unique=True),
+    # The reconciler's deadline sweep reads only the active awaits.
+    _partial_index("ix_streamflow_awaits_deadline", "deadline_at", where="state = 'waiting'"),
+)
+
+SIGNAL_CLASSIFICATIONS = "'consumed','recorded','duplicate','ambiguous','late','unmatched'"
+
+signals = Table(
+    "streamflow_signals",
+    metadata,
+    # Every signal received for an existing workflow, with how it was classified.
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("workflow_id", String(WORKFLOW_ID), nullable=False),
+    Column("name", String(STEP_NAME), nullable=False),
+    #: The step whose await it matched; None when unmatched.
+    Column("step", String(STEP_NAME)),
+    #: consumed | recorded | duplicate | ambiguous | late | unmatched
+    Column("classification", String(20), nullable=False),
+    Column("payload", JSONValue),
+    Column("dedupe_key", String(300)),
+    #: Why, for the ones that did not apply: already_signalled, await_expired, ...
+    Column("reason", String(60)),
+    #: Who sent it: api, cli, ...
+    Column("source", String(40), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    #: For a recorded signal: when its await released the step.
+    Column("consumed_at", UTCDateTime),
+    ForeignKeyConstraint(["workflow_id"], [workflows.c.id], ondelete="CASCADE"),
+    CheckConstraint(f"classification IN ({SIGNAL_CLASSIFICATIONS})", name="classification"),
+    Index(None, "workflow_id", "id"),
+    # The first signal with a dedupe key stands; repeats are duplicate or ambiguous.
+    _partial_index(
+        "uq_streamflow_signals_first_of_key",
+        "workflow_id",
+        "name",
+        "dedupe_key",
+        where="dedupe_key IS NOT NULL AND classification NOT IN ('duplicate', 'ambiguous')",
+        unique=True,
+    ),
 )
 
 reconciler_passes = Table(

@@ -384,10 +384,22 @@ def set_step_if(
 
 
 def apply_changes(
-    conn: Connection, wf: dict[str, Any], changes: Changes, now: datetime
+    conn: Connection,
+    wf: dict[str, Any],
+    changes: Changes,
+    now: datetime,
+    *,
+    cancel_requested: bool = False,
 ) -> str | None:
+    """Move the workflow's counters by `changes`; record its outcome if this finished it.
+
+    Returns the outcome this call recorded (None if the workflow is still running, or had
+    finished before: a recorded outcome is never rewritten here).
+    """
     counts = {s: wf[COUNTER_COLUMNS[s]] + changes.delta[s] for s in StepState}
-    outcome = workflow_outcome(counts)
+    outcome = workflow_outcome(counts, cancel_requested=cancel_requested)
+    if wf["state"] == "finished":
+        outcome = None
     values: dict[str, Any] = {COUNTER_COLUMNS[s]: counts[s] for s in StepState}
     values["updated_at"] = now
     if outcome is not None:

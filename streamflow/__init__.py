@@ -1,6 +1,13 @@
 """Streamflow: durable DAG workflows on a PostgreSQL ledger."""
 
-from ledger.model import CompletionResult, Counters, StepRecord, WorkflowRecord
+from ledger.model import (
+    CancelRequestRecord,
+    CancelResult,
+    CompletionResult,
+    Counters,
+    StepRecord,
+    WorkflowRecord,
+)
 from ledger.rules import SEMANTICS_VERSION
 from streamflow.builder import Dep, PersistedWorkflow, ResultRef, StepSpec, Workflow
 from streamflow.errors import (
@@ -16,6 +23,8 @@ from streamflow.worker import JobSpec, Worker
 
 __all__ = [
     "SEMANTICS_VERSION",
+    "CancelRequestRecord",
+    "CancelResult",
     "CompletionResult",
     "Counters",
     "Dep",

@@ -10,7 +10,14 @@ from typing import Any
 
 from ledger import operations
 from ledger.db import Repo
-from ledger.model import CompletionResult, StepDefinition, WorkflowDefinition, WorkflowRecord
+from ledger.model import (
+    CancelRequestRecord,
+    CancelResult,
+    CompletionResult,
+    StepDefinition,
+    WorkflowDefinition,
+    WorkflowRecord,
+)
 from ledger.placeholders import result_marker
 from ledger.rules import EdgePolicy
 from streamflow.errors import WorkflowValidationError
@@ -179,6 +186,30 @@ class Workflow:
         kept as evidence (`duplicate`, `late`, `ambiguous`) and change nothing.
         """
         return operations.complete(repo, workflow_id, step, status, payload, attempt=attempt)
+
+    @staticmethod
+    def cancel(
+        repo: Repo,
+        workflow_id: str,
+        *,
+        reason: str | None = None,
+        requested_by: str | None = None,
+    ) -> CancelResult:
+        """Cancel the workflow: keep a cancel request row, cancel every step that is not
+        terminal (revoking the leases of running ones, whose late reports then change
+        nothing) and record the outcome `cancelled`.
+
+        A workflow that already finished keeps its outcome; the request is still recorded
+        (effect `finished`, or `repeated` when it was already cancelled).
+        """
+        return operations.cancel(
+            repo, workflow_id, reason=reason, requested_by=requested_by, source="api"
+        )
+
+    @staticmethod
+    def cancel_requests(repo: Repo, workflow_id: str) -> list[CancelRequestRecord]:
+        """Every cancel request recorded for the workflow, oldest first."""
+        return operations.cancel_requests(repo, workflow_id)
 
     @staticmethod
     def get(repo: Repo, workflow_id: str) -> WorkflowRecord:

@@ -104,3 +104,18 @@ class Sleeps(Worker):
         time.sleep(args.get("seconds", 1))
         _note(ctx, phase="end")
         return "slept"
+
+
+class WaitsForCancel(Worker):
+    """Runs until `ctx.cancel_requested()` (bounded by `seconds`), then returns a result —
+    which, for a cancelled workflow, arrives late."""
+
+    def perform(self, args: dict[str, Any], ctx: StepContext) -> object:
+        _note(ctx, phase="start")
+        started = time.monotonic()
+        deadline = started + args.get("seconds", 30)
+        while not ctx.cancel_requested() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        noticed = ctx.cancel_requested()
+        _note(ctx, phase="end", noticed_cancel=noticed, at=time.time())
+        return {"noticed_cancel": noticed}

@@ -5,4 +5,5 @@
 and import it below to add commands without touching cli.py.
 """
 
+import streamflow.commands.lifecycle  # noqa: F401
 from streamflow.commands import operator  # noqa: F401

@@ -1,0 +1,120 @@
+"""Cancel, callbacks and signals end to end: real worker and consumer processes on real
+PostgreSQL and Redis (the same harness as test_engine.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select
+
+from ledger import tables as t
+from streamflow import Workflow
+from tests import engine_app as app
+from tests.integration.processes import ROOT, wait_for
+from tests.integration.test_engine import Cluster, ctx
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def cluster(
+    pg_engine: Engine, postgres_url: str, redis_url: str, tmp_path: Path
+) -> Iterator[Cluster]:
+    c = Cluster(postgres_url, redis_url, tmp_path)
+    yield c
+    c.close()
+
+
+def cli(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "streamflow", *args],
+        cwd=ROOT,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def lines(cluster: Cluster, **match: Any) -> list[dict[str, Any]]:
+    return [
+        r for r in app.perform_log(cluster.log) if all(r.get(k) == v for k, v in match.items())
+    ]
+
+
+def test_cancel_revokes_a_running_step_and_its_late_completion_changes_nothing(
+    pg_engine: Engine, cluster: Cluster
+) -> None:
+    wf = (
+        Workflow.new("cancel_e2e", ctx(cluster))
+        .add("long", app.WaitsForCancel.new({"seconds": 60}))
+        .add("after", app.Echo.new(), deps=["long"])
+    )
+    cluster.consumer()
+    worker = cluster.worker("w1", "--lease-seconds", "3")
+    wid = Workflow.insert(wf, pg_engine).id
+    wait_for(
+        lambda: lines(cluster, step="long", phase="start"),
+        20,
+        "the long step to start",
+        on_timeout=cluster.outputs,
+    )
+    done = cli(cluster, "cancel", wid, "--reason", "customer withdrew", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert (result["effect"], result["revoked"], result["workflow_outcome"]) == (
+        "applied",
+        ["long"],
+        "cancelled",
+    )
+    assert result["cancelled"] == ["long", "after"]
+    cancelled_at = time.time()
+
+    def late_report() -> list[Any]:
+        e = t.evidence
+        with pg_engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(e.c.classification, e.c.reason, e.c.payload, e.c.source).where(
+                        e.c.workflow_id == wid, e.c.kind == "completion"
+                    )
+                ).all()
+            )
+
+    [row] = wait_for(late_report, 20, "the worker's late report", on_timeout=cluster.outputs)
+    assert (row.classification, row.reason, row.source) == ("late", "step_cancelled", "worker")
+    assert row.payload == {"noticed_cancel": True}
+    [end] = lines(cluster, step="long", phase="end")
+    # The worker noticed at its next renewal: within one heartbeat (lease / 3 = 1 s).
+    assert end["noticed_cancel"] is True and end["at"] - cancelled_at < 3
+    record = Workflow.get(pg_engine, wid)
+    assert record.outcome == "cancelled"
+    assert {n: s.state.value for n, s in record.steps.items()} == {
+        "long": "cancelled",
+        "after": "cancelled",
+    }
+    assert Workflow.results(pg_engine, wid) == {}
+    assert not lines(cluster, step="after")
+    # A repeated request is recorded too, and changes nothing.
+    again = cli(cluster, "cancel", wid)
+    assert again.returncode == 0 and "already cancelled" in again.stdout
+    assert [r.effect for r in Workflow.cancel_requests(pg_engine, wid)] == [
+        "applied",
+        "repeated",
+    ]
+    assert worker.terminate(timeout=30) == 0
+
+
+def test_cancel_of_an_unknown_workflow_is_one_line_and_exit_code_2(cluster: Cluster) -> None:
+    bad = cli(cluster, "cancel", "f" * 32)
+    assert bad.returncode == 2
+    assert "no workflow with id" in bad.stderr
+    assert "Traceback" not in bad.stderr
