@@ -646,6 +646,7 @@ def retry_step(
             "restored": list(names),
             "recancelled": list(recancelled),
             "workflow_reopened": reopened,
+            "previous_outcome": wf["outcome"],
         },
         reason="operator_retry",
     )

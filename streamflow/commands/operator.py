@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import typer
+from rich.columns import Columns
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -156,20 +157,22 @@ def _offset(delta: timedelta) -> str:
     return "+" + age_text(delta)
 
 
-def labels_text(labels: dict[str, int]) -> Text:
-    """`2 Needs Review · 1 Blocked · 3 Waiting`, each label in its colour."""
-    text = Text()
+def labels_text(labels: dict[str, int]) -> Columns:
+    """`2 Needs Review · 1 Blocked · 3 Waiting`, each label in its colour, most urgent
+    first. A narrow table stacks them, breaking between labels, never inside one."""
+    parts = []
     for i, (label, count) in enumerate(labels.items()):
+        part = Text(no_wrap=True, overflow="ellipsis")
         if i:
-            text.append(" · ", style="dim")
-        text.append(f"{count} {label}", style=f"bold {render.LABEL_STYLES.get(label, '')}")
-    return text
+            part.append("· ", style="dim")
+        part.append(f"{count} {label}", style=f"bold {render.LABEL_STYLES.get(label, '')}")
+        parts.append(part)
+    return Columns(parts, padding=(0, 1))
 
 
-def _steps_text(counters: dict[str, int]) -> str:
-    total = sum(counters.values())
-    rest = [f"{n} {name}" for name, n in counters.items() if n and name != "completed"]
-    return " · ".join([f"{counters['completed']}/{total} completed", *rest])
+def _done_text(counters: dict[str, int]) -> str:
+    """Completed steps of all: the control-plane column says what the others are doing."""
+    return f"{counters['completed']}/{sum(counters.values())}"
 
 
 def _state_text(state: str, outcome: str | None) -> Text:
@@ -189,14 +192,24 @@ def _entry_detail(entry: dict[str, Any]) -> str:
             return f"{detail['name']}, {detail['steps']} steps"
         return f"outcome {detail['outcome']}"
     if entry["kind"] == "operator" and isinstance(detail.get("payload") or {}, dict):
-        return _operator_detail(entry["classification"], detail)
+        return _operator_detail(entry["classification"], entry["status"], detail)
+    if entry["kind"] == "callback" and entry["classification"] == "enqueued":
+        return f"{detail.get('worker')} on queue {detail.get('queue')}"
     parts: list[str] = []
-    if entry["status"] and entry["kind"] != "attempt":
+    if entry["kind"] == "signal" and detail.get("name"):
+        parts.append(f"signal {detail['name']}")
+    if entry["status"] and entry["kind"] not in ("attempt", "callback"):
         parts.append(f"status {entry['status']}")
     elif entry["status"]:
         parts.append(entry["status"])
     if entry["reason"]:
-        parts.append(str(entry["reason"]))
+        parts.append(
+            _clip(repr(entry["reason"]))
+            if entry["kind"] == "cancel_request"
+            else str(entry["reason"])
+        )
+    if entry["kind"] == "cancel_request" and detail.get("effect"):
+        parts.append(f"{detail['effect']}, {detail.get('cancelled_steps', 0)} steps cancelled")
     if detail.get("payload") is not None:
         parts.append(_clip(render.compact_json(detail["payload"])))
     if entry["kind"] == "recovery" and detail.get("pass_id") is not None:
@@ -204,7 +217,7 @@ def _entry_detail(entry: dict[str, Any]) -> str:
     return " · ".join(parts) or "-"
 
 
-def _operator_detail(classification: str, detail: dict[str, Any]) -> str:
+def _operator_detail(classification: str, status: str | None, detail: dict[str, Any]) -> str:
     payload: dict[str, Any] = detail.get("payload") or {}
     parts: list[str] = []
     if payload.get("reason"):
@@ -218,9 +231,10 @@ def _operator_detail(classification: str, detail: dict[str, Any]) -> str:
         if payload.get("recancelled"):
             parts.append("cancelled again " + ", ".join(payload["recancelled"]))
         if payload.get("workflow_reopened"):
-            parts.append("workflow reopened")
-    elif detail.get("dedupe_key"):
-        parts.append(f"event {detail['dedupe_key']}")
+            was = payload.get("previous_outcome")
+            parts.append(f"workflow reopened (was {was})" if was else "workflow reopened")
+    elif status:
+        parts.append(f"status {status}")
     return " · ".join(parts) or "-"
 
 
@@ -334,15 +348,24 @@ def workflows_command(
 
 def _workflows_table(rows: list[WorkflowSummary], now: datetime) -> Table:
     table = Table(show_edge=False, pad_edge=False)
-    for column in ("id", "name", "state", "control plane", "steps", "age"):
-        table.add_column(column, no_wrap=column in ("id", "age"))
+    table.add_column("id", no_wrap=True)
+    table.add_column("name", min_width=8)
+    table.add_column("state", no_wrap=True)
+    # Columns would take every spare cell; at most as wide as the longest summary on one line.
+    widest = max(len(" · ".join(f"{n} {label}" for label, n in w.labels.items())) for w in rows)
+    table.add_column("control plane", min_width=min(14, widest), max_width=max(14, widest))
+    table.add_column("done", justify="right", no_wrap=True)
+    table.add_column("age", justify="right", no_wrap=True)
     for w in rows:
         table.add_row(
             w.id,
             w.name,
-            _state_text(w.state, w.outcome),
+            # A finished workflow is known by its outcome.
+            _state_text(w.outcome or w.state, None)
+            if w.outcome is None
+            else Text(w.outcome, style=f"bold {render.OUTCOME_STYLES.get(w.outcome, '')}"),
             labels_text(w.labels),
-            _steps_text(w.counters),
+            _done_text(w.counters),
             age_text(now - w.created_at),
         )
     return table
@@ -403,16 +426,30 @@ def evidence_command(
     head.append_text(_state_text(wf["state"], wf["outcome"]))
     if wf["needs_review"]:
         head.append("  needs review", style="magenta")
+    created = wf["created_at"].astimezone(UTC)
+    # Times of day when everything happened on the day the workflow was created.
+    same_day = all(e["when"].astimezone(UTC).date() == created.date() for e in entries)
+    head.append(f"\ncreated {_when(created)} UTC", style="dim")
+    out = _stdout()
+    # The time since the workflow was created, when the terminal has room for it.
+    offsets = out.width >= 140
     table = Table(show_edge=False, pad_edge=False)
-    for column in ("at (UTC)", "since start", "kind", "classification", "step", "attempt"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("source", no_wrap=True)
-    table.add_column("detail")
+    table.add_column("at (UTC)", no_wrap=True)
+    if offsets:
+        table.add_column("since start", no_wrap=True, justify="right")
+    table.add_column("kind", no_wrap=True)
+    table.add_column("classification", no_wrap=True)
+    table.add_column("step", overflow="fold")
+    table.add_column("#", no_wrap=True, justify="right")
+    table.add_column("source", no_wrap=True, overflow="ellipsis", max_width=14)
+    table.add_column("detail", min_width=24)
     for e in entries:
         classification = e["classification"] or "-"
+        when = _when(e["when"])
+        since = [_offset(e["when"] - wf["created_at"])] if offsets else []
         table.add_row(
-            _when(e["when"]),
-            _offset(e["when"] - wf["created_at"]),
+            when[11:] if same_day else when,
+            *since,
             e["kind"],
             Text(classification, style=STYLES.get(classification, "")),
             e["step"] or "-",
@@ -420,7 +457,6 @@ def evidence_command(
             e["source"] or "-",
             _entry_detail(e),
         )
-    out = _stdout()
     out.print(Group(head, Text(""), table))
     if truncated:
         out.print(

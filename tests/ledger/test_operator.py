@@ -361,6 +361,7 @@ def test_retry_sends_a_failed_step_round_again_and_undoes_its_cascade(engine: En
         "restored": ["receipt", "archive"],
         "recancelled": [],
         "workflow_reopened": True,
+        "previous_outcome": "failed",
     }
 
     # The workflow now runs to a completed outcome; the failed attempt stays in history.
