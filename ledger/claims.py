@@ -48,6 +48,8 @@ class Claim:
     dependency_results: dict[str, Any]
     lease_owner: str
     lease_expires_at: datetime
+    #: When the step last became available (its queue wait ends with this claim).
+    available_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +152,7 @@ def claim_step(
         dependency_results=results,
         lease_owner=owner,
         lease_expires_at=expires,
+        available_at=row["available_at"],
     )
 
 

@@ -20,6 +20,7 @@ from ledger.model import (
 )
 from ledger.placeholders import result_marker
 from ledger.rules import EdgePolicy
+from streamflow import telemetry
 from streamflow.errors import WorkflowValidationError
 from streamflow.validation import StepShape, validate
 from streamflow.worker import JobSpec
@@ -168,6 +169,7 @@ class Workflow:
         """
         definition = self.definition()
         workflow_id = operations.insert(repo, definition)
+        telemetry.workflow_inserted(definition)
         return PersistedWorkflow(workflow_id, self.name, self.steps, self.workflow_context)
 
     @staticmethod
@@ -185,7 +187,9 @@ class Workflow:
         `status` is completed, retryable, failed or cancelled. Repeats and conflicts are
         kept as evidence (`duplicate`, `late`, `ambiguous`) and change nothing.
         """
-        return operations.complete(repo, workflow_id, step, status, payload, attempt=attempt)
+        result = operations.complete(repo, workflow_id, step, status, payload, attempt=attempt)
+        telemetry.completion_recorded(repo, result, source="api")
+        return result
 
     @staticmethod
     def cancel(

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 from urllib.parse import urlsplit
 
 import redis.exceptions
@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from ledger.db import make_engine, transaction
-from ledger.errors import LedgerError, SchemaNotReadyError
+from ledger.errors import InvalidCompletionError, LedgerError, SchemaNotReadyError
 from ledger.migrate import current_revision, ensure_current, head_revision, upgrade
 from ledger.rules import CompletionStatus
 from ledger.transitions import complete_step, unmark_dispatched
@@ -45,6 +45,9 @@ from streamflow.streams.publisher import Publisher
 from streamflow.streams.seam import wrap_for_chaos
 from streamflow.streams.transport import StreamTransport
 from streamflow.streams.transport import connect as connect_streams
+
+if TYPE_CHECKING:
+    from streamflow.metrics import MetricsServer
 
 app = typer.Typer(
     name="streamflow",
@@ -123,6 +126,9 @@ def _edge(choice: DatabaseChoice | None = None) -> Iterator[None]:
         yield
     except CliError as exc:
         _fail(str(exc), exc.code)
+    except (LookupError, InvalidCompletionError) as exc:
+        # Bad input: an unknown workflow or step, an outcome the step cannot take.
+        _fail(str(exc), EXIT_USAGE)
     except LedgerError as exc:
         _fail(str(exc), EXIT_ERROR)
     except ArgumentError as exc:
@@ -461,6 +467,21 @@ ReconcileEveryOption = Annotated[
         "--reconcile-every", min=0.5, help="Seconds between reconciler passes in this process."
     ),
 ]
+MetricsPortOption = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port",
+        min=0,
+        max=65535,
+        help="Serve Prometheus metrics on this port at /metrics (0: any free port; needs "
+        "the `metrics` extra: pip install 'streamflow[metrics]').",
+        show_default=False,
+    ),
+]
+MetricsHostOption = Annotated[
+    str,
+    typer.Option("--metrics-host", help="The address --metrics-port binds to."),
+]
 
 
 def _redis_url(explicit: str | None) -> str | None:
@@ -511,6 +532,8 @@ def _start_engine(
     options: EngineOptions,
     *,
     embedded_streams_allowed: bool,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> int:
     choice = _choose(database_url)
     url = _redis_url(redis_url)
@@ -534,11 +557,33 @@ def _start_engine(
             runner, _ = build_runner(engine, transport, _keys(), options)
         except ImportError as exc:
             raise CliError(f"cannot import --app module: {exc}", EXIT_USAGE) from None
+        metrics = None if metrics_port is None else _serve_metrics(metrics_port, metrics_host)
     logs.configure()
     try:
         return runner.run_until_signalled(options.drain_seconds)
     finally:
+        if metrics is not None:
+            metrics.close()
         engine.dispose()
+
+
+def _serve_metrics(port: int, host: str) -> MetricsServer:
+    """Start the Prometheus exporter, or a one-line error (the `metrics` extra is optional)."""
+    try:
+        from streamflow import metrics
+    except ImportError:
+        raise CliError(
+            "--metrics-port needs prometheus-client: pip install 'streamflow[metrics]'",
+            EXIT_USAGE,
+        ) from None
+    try:
+        server = metrics.serve(port, host)
+    except OSError as exc:
+        raise CliError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+    _stderr().print(
+        f"Serving Prometheus metrics on http://{host}:{server.port}/metrics", soft_wrap=True
+    )
+    return server
 
 
 @app.command()
@@ -550,6 +595,8 @@ def worker(
     drain_seconds: DrainOption = 30.0,
     database_url: DatabaseUrlOption = None,
     redis_url: RedisUrlOption = None,
+    metrics_port: MetricsPortOption = None,
+    metrics_host: MetricsHostOption = "127.0.0.1",
 ) -> None:
     """Run steps: read the queues' ready streams, claim, perform, record the outcome.
 
@@ -567,7 +614,14 @@ def worker(
         drain_seconds=drain_seconds,
     )
     raise typer.Exit(
-        _start_engine(database_url, redis_url, options, embedded_streams_allowed=False)
+        _start_engine(
+            database_url,
+            redis_url,
+            options,
+            embedded_streams_allowed=False,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+        )
     )
 
 
@@ -583,6 +637,8 @@ def consume(
             "--batch", min=1, max=10_000, help="Completion events per ledger transaction."
         ),
     ] = 200,
+    metrics_port: MetricsPortOption = None,
+    metrics_host: MetricsHostOption = "127.0.0.1",
 ) -> None:
     """Consume completion events, dispatch ready steps, and run the reconciler.
 
@@ -601,7 +657,14 @@ def consume(
         reconcile_every=reconcile_every,
     )
     raise typer.Exit(
-        _start_engine(database_url, redis_url, options, embedded_streams_allowed=False)
+        _start_engine(
+            database_url,
+            redis_url,
+            options,
+            embedded_streams_allowed=False,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+        )
     )
 
 
@@ -616,6 +679,8 @@ def run(
     redis_url: RedisUrlOption = None,
     redispatch_after: RedispatchOption = 30.0,
     reconcile_every: ReconcileEveryOption = 5.0,
+    metrics_port: MetricsPortOption = None,
+    metrics_host: MetricsHostOption = "127.0.0.1",
 ) -> None:
     """Everything in one process: a worker, a completion consumer, the dispatcher and the
     reconciler.
@@ -636,7 +701,16 @@ def run(
         redispatch_after_seconds=redispatch_after,
         reconcile_every=reconcile_every,
     )
-    raise typer.Exit(_start_engine(database_url, redis_url, options, embedded_streams_allowed=True))
+    raise typer.Exit(
+        _start_engine(
+            database_url,
+            redis_url,
+            options,
+            embedded_streams_allowed=True,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+        )
+    )
 
 
 @app.command()

@@ -56,6 +56,7 @@ from ledger.sweeps import (
     redispatch_stale,
 )
 from ledger.transitions import unmark_dispatched
+from streamflow import telemetry
 from streamflow.engine.common import in_transaction, ready_messages, utcnow
 from streamflow.engine.consumer import CompletionConsumer, ConsumerConfig
 from streamflow.engine.deadletter import dead_letter
@@ -159,6 +160,8 @@ class Reconciler:
 
         expired = in_transaction(self.engine, lambda c: expire_leases(c, now, cfg.batch, pass_id))
         counts["lease_expired"] += len(expired)
+        for result in expired:
+            telemetry.completion_recorded(self.engine, result, source="reconciler")
 
         promoted = in_transaction(
             self.engine,
@@ -204,6 +207,7 @@ class Reconciler:
                 utcnow(),
             ),
         )
+        telemetry.repaired(repairs, source="reconciler")
         return summary
 
     # -- the repairs that need more than one query ------------------------------------

@@ -18,7 +18,8 @@ from sqlalchemy import Engine
 
 from ledger.consume import CompletionEventView, Consumed, consume_completions
 from ledger.transitions import unmark_dispatched
-from streamflow.engine.common import in_transaction, ready_messages, utcnow
+from streamflow import telemetry
+from streamflow.engine.common import in_transaction, now_ms, ready_messages, utcnow
 from streamflow.engine.deadletter import dead_letter
 from streamflow.engine.retrying import is_transient, retrying
 from streamflow.logs import log_event
@@ -119,6 +120,8 @@ class CompletionConsumer:
         instead of stopping the consumer or holding the others back.
         """
         decoded: list[tuple[Entry, CompletionEventView]] = []
+        #: When each event was published (telemetry's event_hop_ms), by key.
+        sent: dict[str, int] = {}
         for entry in entries:
             try:
                 ev = decode_completion(entry.fields)
@@ -129,16 +132,17 @@ class CompletionConsumer:
                 ev.workflow_id, ev.step, ev.status.value, ev.attempt, ev.idempotency_key
             )
             decoded.append((entry, view))
+            sent[view.idempotency_key] = ev.at_ms
         if not decoded:
             return
         try:
-            self._consume([view for _, view in decoded])
+            self._consume([view for _, view in decoded], sent)
         except Exception as exc:
             if is_transient(exc):
                 raise
             for entry, view in decoded:
                 try:
-                    self._consume([view])
+                    self._consume([view], sent)
                 except Exception as one:
                     if is_transient(one):
                         raise
@@ -148,12 +152,24 @@ class CompletionConsumer:
             return
         self._ack([entry.id for entry, _ in decoded])
 
-    def _consume(self, views: list[CompletionEventView]) -> None:
+    def _consume(self, views: list[CompletionEventView], sent: dict[str, int]) -> None:
         source = f"consumer:{self.config.name}"
         results = in_transaction(
             self.engine, lambda conn: consume_completions(conn, views, utcnow(), source)
         )
         self._publish(results)
+        if telemetry.enabled():
+            consumed_at = now_ms()
+            for c in results:
+                at = sent.get(c.event.idempotency_key)
+                telemetry.evidence_recorded(
+                    kind="event",
+                    classification=c.classification,
+                    status=c.event.status,
+                    source="consumer",
+                    event_hop_ms=None if at is None else consumed_at - at,
+                )
+                telemetry.repaired({"release": len(c.repaired)}, source="consumer")
 
     def _ack(self, ids: list[str]) -> None:
         retrying(lambda: self.transport.ack(self.keys.completions, self.keys.completion_group, ids))

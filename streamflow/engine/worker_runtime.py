@@ -13,8 +13,10 @@ import asyncio
 import inspect
 import logging
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import partial
 from typing import Any
 
@@ -25,6 +27,7 @@ from ledger.errors import InvalidCompletionError, LedgerError
 from ledger.model import CompletionResult
 from ledger.rules import CompletionStatus
 from ledger.transitions import complete_step, unmark_dispatched
+from streamflow import telemetry
 from streamflow.engine.common import in_transaction, now_ms, ready_messages, utcnow
 from streamflow.engine.context import Cancel, StepContext
 from streamflow.engine.deadletter import dead_letter
@@ -61,6 +64,8 @@ class _Running:
     claim: Claim
     context: StepContext
     done: threading.Event = field(default_factory=threading.Event)
+    #: How long `perform` took (telemetry's step duration_ms).
+    perform_ms: float | None = None
 
 
 @dataclass
@@ -254,6 +259,7 @@ class WorkerRuntime:
             self._ack(entry)
             if claim.verdict.value == "duplicate":
                 self.stats.duplicates += 1
+            telemetry.delivery_refused(claim.verdict.value, claim.state.value)
             log_event(
                 "worker.claim_refused",
                 workflow_id=msg.workflow_id,
@@ -263,6 +269,15 @@ class WorkerRuntime:
             )
             return
         self.stats.claimed += 1
+        telemetry.step_started(
+            workflow_name=claim.workflow_name,
+            queue=claim.queue,
+            attempt=claim.attempt,
+            # The `now` the claim was made with.
+            claimed_at=claim.lease_expires_at - timedelta(seconds=cfg.lease_seconds),
+            available_at=claim.available_at,
+            ready_at_ms=msg.at_ms,
+        )
         self._run(claim, entry)
 
     def _ack(self, entry: Entry) -> None:
@@ -310,7 +325,9 @@ class WorkerRuntime:
             worker=claim.worker,
         )
         try:
+            started = time.perf_counter()
             status, payload = self._perform(claim, ctx)
+            running.perform_ms = (time.perf_counter() - started) * 1000
             self._record(claim, status, payload, running)
         finally:
             with self._lock:
@@ -364,6 +381,13 @@ class WorkerRuntime:
         # gave up for a lost one.
         running.done.set()
         self._count(result)
+        telemetry.completion_recorded(
+            self.engine,
+            result,
+            source="worker",
+            facts=telemetry.StepFacts(claim.workflow_name, claim.queue),
+            duration_ms=running.perform_ms,
+        )
         log_event(
             "worker.step_finished",
             workflow_id=claim.workflow_id,

@@ -365,13 +365,13 @@ def migrated_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ],
 )
 def test_unknown_workflow_is_one_line(migrated_dir: Path, args: list[str], contains: str) -> None:
-    assert_one_line_error(streamflow(migrated_dir, *args), code=1, contains=contains)
+    assert_one_line_error(streamflow(migrated_dir, *args), code=2, contains=contains)
 
 
 def test_unknown_step_lists_the_known_ones(demo_dir: Path, demo_json: dict[str, Any]) -> None:
     checkout_id = demo_json["explain"]["workflow_id"]
     run = streamflow(demo_dir, "explain", checkout_id, "nope")
-    assert_one_line_error(run, code=1, contains="has no step 'nope'")
+    assert_one_line_error(run, code=2, contains="has no step 'nope'")
     assert "'archive_receipt'" in run.error_lines[0]
 
 
