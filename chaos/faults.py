@@ -372,7 +372,15 @@ class FaultyTransport:
                 self.log.write(fault_id, "delay", "injected", delay_s=round(wait, 3), **common)
                 self._defer(fault_id, "delay", "released", wait, stream, fields, common)
             else:
-                self.log.write(fault_id, "replay", "scheduled", after_s=round(wait, 3), **common)
+                assert pos is not None
+                self.log.write(
+                    fault_id,
+                    "replay",
+                    "scheduled",
+                    after_s=round(wait, 3),
+                    original_entry_id=sent[pos],
+                    **common,
+                )
                 self._defer(fault_id, "replay", "injected", wait, stream, fields, common)
         return ids
 

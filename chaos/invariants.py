@@ -425,8 +425,9 @@ class Fault:
     #: When it took effect: injected, or released/sent for delays and replays.
     t: float
     label: str
-    #: The Redis stream key and the entries the fault put there (duplicates: both copies;
-    #: replays and released delays: the copy), to tell whether a Redis kill took them.
+    #: The Redis stream key and the entries the message made (duplicates: both copies;
+    #: replays: the original and the copy; released delays: the copy), to tell whether a
+    #: Redis kill took them.
     stream_key: str = ""
     entry_ids: tuple[str, ...] = ()
 
@@ -438,6 +439,21 @@ class FaultLogSummary:
     replays_not_sent: int = 0
     #: Delays and replays still waiting to be sent by a live process.
     outstanding: int = 0
+
+
+def _fault(fault_id: str, kind: str, line: Mapping[str, Any], ids: list[str]) -> Fault:
+    return Fault(
+        fault_id,
+        kind,
+        str(line["stream"]),
+        str(line.get("workflow_id", "")),
+        str(line.get("step", "")),
+        str(line.get("key", "")),
+        float(line["t"]),
+        str(line.get("label", "")),
+        str(line.get("stream_key", "")),
+        tuple(ids),
+    )
 
 
 def parse_faults(
@@ -454,38 +470,26 @@ def parse_faults(
         phases = {str(g["phase"]): g for g in group}
         first = group[0]
         kind = str(first["kind"])
-
-        def make(kind: str, line: Mapping[str, Any], fault_id: str = fault_id) -> Fault:
-            ids = line.get("entry_ids") or ([line["entry_id"]] if "entry_id" in line else [])
-            return Fault(
-                fault_id,
-                kind,
-                str(line["stream"]),
-                str(line.get("workflow_id", "")),
-                str(line.get("step", "")),
-                str(line.get("key", "")),
-                float(line["t"]),
-                str(line.get("label", "")),
-                str(line.get("stream_key", "")),
-                tuple(str(i) for i in ids),
-            )
-
+        # Every entry the message made: a duplicate's two copies; a replay's original
+        # (from its `scheduled` line) and copy; a released delay's one copy.
+        ids = [str(i) for g in group for i in g.get("entry_ids", [])]
+        ids += [str(g[k]) for g in group for k in ("entry_id", "original_entry_id") if k in g]
         if kind == "delay":
             if "released" in phases:
-                out.faults.append(make("delay", phases["released"]))
+                out.faults.append(_fault(fault_id, "delay", phases["released"], ids))
             elif "lost" in phases or int(first["pid"]) in dead:
-                out.faults.append(make("delay_unreleased", phases["injected"]))
+                out.faults.append(_fault(fault_id, "delay_unreleased", phases["injected"], ids))
             else:
                 out.outstanding += 1
         elif kind == "replay":
             if "injected" in phases:
-                out.faults.append(make("replay", phases["injected"]))
+                out.faults.append(_fault(fault_id, "replay", phases["injected"], ids))
             elif "lost" in phases or int(first["pid"]) in dead:
                 out.replays_not_sent += 1
             else:
                 out.outstanding += 1
         else:
-            out.faults.append(make(kind, first))
+            out.faults.append(_fault(fault_id, kind, first, ids))
     out.faults.sort(key=lambda f: f.t)
     return out
 
@@ -700,10 +704,14 @@ def match_faults(
                 m.matched += 1
                 m.notes["still in Redis when it was killed"] += 1
             else:
+                hint = ""
+                if performs.started_since(k[0], k[1], f.t):
+                    # What the known stale-ready gap looks like (docs/chaos.md).
+                    hint = "; the step was claimed after it, possibly by a stale copy"
                 m.unmatched.append(
                     f"{f.fault_id} {k[0]} {k[1]} (at {f.t:.3f}): "
                     f"{len(step_recs)} ready recoveries, {len(step_dels)} delivery rows "
-                    f"for {len(faults)} faults on this step"
+                    f"for {len(faults)} faults on this step{hint}"
                 )
 
     ordered = sorted(lines.values(), key=lambda m: (m.stream != "completion", _ORDER.index(m.kind)))
