@@ -16,6 +16,7 @@ from sqlalchemy import Connection, select, update
 from ledger import tables as t
 from ledger.db import lock_workflow
 from ledger.evidence import record_evidence
+from ledger.model import STEP_JOB
 from ledger.placeholders import referenced_steps, resolve
 from ledger.rules import ClaimVerdict, StepState, classify_claim
 from ledger.steps import step_not_found
@@ -50,6 +51,13 @@ class Claim:
     lease_expires_at: datetime
     #: When the step last became available (its queue wait ends with this claim).
     available_at: datetime | None = None
+    #: step, or callback (the workflow's `on_finish` job; `step` is then "on_finish").
+    job: str = STEP_JOB
+    #: For a step that awaited a signal: the payload of the signal that released it.
+    signal: Any = None
+    #: For a callback: the workflow's outcome and counters when it finished.
+    workflow_outcome: str | None = None
+    counters: dict[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

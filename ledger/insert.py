@@ -37,6 +37,7 @@ def insert_workflow(
             needs_review=False,
             created_at=now,
             updated_at=now,
+            on_finish=definition.on_finish.to_json() if definition.on_finish else None,
         )
     )
     conn.execute(

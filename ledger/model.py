@@ -23,10 +23,31 @@ class StepDefinition:
 
 
 @dataclass(frozen=True, slots=True)
+class CallbackDefinition:
+    """The `on_finish` job: run once, when the workflow records its final outcome."""
+
+    worker: str
+    queue: str
+    args: dict[str, Any]
+    max_attempts: int
+    priority: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "worker": self.worker,
+            "queue": self.queue,
+            "args": self.args,
+            "max_attempts": self.max_attempts,
+            "priority": self.priority,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class WorkflowDefinition:
     name: str
     context: dict[str, Any]
     steps: tuple[StepDefinition, ...]
+    on_finish: CallbackDefinition | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +125,13 @@ class WorkflowRecord:
         return self.state == "finished"
 
 
+#: What a ready message offers a worker: a workflow's step, or its `on_finish` callback.
+STEP_JOB = "step"
+CALLBACK_JOB = "callback"
+#: The name a callback goes by where a step name is expected (ready messages, evidence).
+CALLBACK_STEP = "on_finish"
+
+
 @dataclass(frozen=True, slots=True)
 class ReadyStep:
     """A step made available and marked dispatched: publish it to its queue's ready stream."""
@@ -112,6 +140,8 @@ class ReadyStep:
     step: str
     queue: str
     priority: int = 0
+    #: step, or callback (then `step` is CALLBACK_STEP).
+    job: str = STEP_JOB
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +164,9 @@ class CompletionResult:
     #: With `dispatch=True`: the released steps this call marked dispatched. The caller
     #: publishes them after commit; if it cannot, the reconciler dispatches them again.
     ready: tuple[ReadyStep, ...] = ()
+    #: step, or callback: the outcome of the workflow's `on_finish` callback (no
+    #: children, no completion event).
+    job: str = STEP_JOB
 
     @property
     def applied(self) -> bool:
@@ -181,3 +214,67 @@ class CancelRequestRecord:
     cancelled_steps: int
     workflow_outcome: str | None
     created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackAttemptRecord:
+    """One delivery of a callback that ran, and what it returned."""
+
+    attempt: int
+    status: str
+    payload: Any
+    reason: str | None
+    source: str
+    lease_owner: str | None
+    recorded_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackRecord:
+    """A workflow's `on_finish` callback, enqueued when the workflow finished."""
+
+    workflow_id: str
+    worker: str
+    queue: str
+    args: dict[str, Any]
+    #: available | executing | retryable | completed | failed | cancelled
+    state: str
+    attempt: int
+    max_attempts: int
+    #: What it reports: the workflow's outcome and counters when it finished.
+    workflow_outcome: str
+    counters: dict[str, int]
+    result: Any
+    terminal_cause: str | None
+    created_at: datetime
+    finished_at: datetime | None
+    attempts: tuple[CallbackAttemptRecord, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "workflow_id": self.workflow_id,
+            "worker": self.worker,
+            "queue": self.queue,
+            "args": self.args,
+            "state": self.state,
+            "attempt": self.attempt,
+            "max_attempts": self.max_attempts,
+            "workflow_outcome": self.workflow_outcome,
+            "counters": dict(self.counters),
+            "result": self.result,
+            "terminal_cause": self.terminal_cause,
+            "created_at": self.created_at.isoformat(),
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "attempts": [
+                {
+                    "attempt": a.attempt,
+                    "status": a.status,
+                    "payload": a.payload,
+                    "reason": a.reason,
+                    "source": a.source,
+                    "lease_owner": a.lease_owner,
+                    "recorded_at": a.recorded_at.isoformat(),
+                }
+                for a in self.attempts
+            ],
+        }

@@ -9,12 +9,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from ledger.callbacks import get_callback
 from ledger.cancel import cancel_requests as read_cancel_requests
 from ledger.cancel import cancel_workflow
 from ledger.db import Repo, read, transaction
 from ledger.explain import StepExplanation, explain_step
 from ledger.insert import insert_workflow
 from ledger.model import (
+    CallbackRecord,
     CancelRequestRecord,
     CancelResult,
     CompletionResult,
@@ -90,3 +92,8 @@ def cancel(
 def cancel_requests(repo: Repo, workflow_id: str) -> list[CancelRequestRecord]:
     with read(repo) as conn:
         return read_cancel_requests(conn, workflow_id)
+
+
+def callback(repo: Repo, workflow_id: str) -> CallbackRecord | None:
+    with read(repo) as conn:
+        return get_callback(conn, workflow_id)

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, String, and_, cast, exists, insert, select, update
 
 from ledger import tables as t
+from ledger.callback_jobs import undispatch_all_callbacks
 from ledger.db import lock_workflow
 from ledger.evidence import record_evidence
 from ledger.model import ReadyStep
@@ -237,7 +238,8 @@ def undispatch_all_available(conn: Connection) -> list[ReadyStep]:
         .where(s.c.state == StepState.AVAILABLE.value, s.c.dispatched_at.is_not(None))
         .values(dispatched_at=None)
     )
-    return [ReadyStep(r.workflow_id, r.name, r.queue, r.priority) for r in rows]
+    steps = [ReadyStep(r.workflow_id, r.name, r.queue, r.priority) for r in rows]
+    return steps + undispatch_all_callbacks(conn)
 
 
 def live_queues(conn: Connection) -> list[str]:
@@ -249,5 +251,8 @@ def live_queues(conn: Connection) -> list[str]:
     queues: dict[str, None] = {}
     for state in (StepState.AVAILABLE, StepState.EXECUTING):
         for q in conn.execute(select(s.c.queue).where(s.c.state == state.value).distinct()):
+            queues[q.queue] = None
+        c = t.callbacks
+        for q in conn.execute(select(c.c.queue).where(c.c.state == state.value).distinct()):
             queues[q.queue] = None
     return list(queues)

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import Connection, select
 
 from ledger import tables as t
+from ledger.callback_jobs import dispatch_callbacks, redispatch_stale_callbacks
 from ledger.db import lock_workflow
 from ledger.model import CompletionResult, ReadyStep
 from ledger.recoveries import record_recovery
@@ -24,7 +25,8 @@ def dispatch_undispatched(
     conn: Connection, now: datetime, limit: int = 500
 ) -> tuple[ReadyStep, ...]:
     """Available steps nobody dispatched yet (inserted roots, API completions, retries):
-    mark them dispatched and return them for publishing, highest priority first."""
+    mark them dispatched and return them for publishing, highest priority first; then
+    the `on_finish` callbacks waiting to be sent, within the same `limit`."""
     s = t.steps
     rows = conn.execute(
         select(s.c.workflow_id, s.c.name, s.c.queue, s.c.priority)
@@ -33,7 +35,9 @@ def dispatch_undispatched(
         .limit(limit)
     ).all()
     candidates = [ReadyStep(r.workflow_id, r.name, r.queue, r.priority) for r in rows]
-    return mark_dispatched(conn, candidates, now)
+    steps = mark_dispatched(conn, candidates, now)
+    # Then `on_finish` callbacks enqueued (or due for a retry) and not yet dispatched.
+    return steps + dispatch_callbacks(conn, now, limit - len(steps))
 
 
 def redispatch_stale(
@@ -78,7 +82,8 @@ def redispatch_stale(
                 pass_id=pass_id,
             )
             out.append(ReadyStep(r.workflow_id, r.name, r.queue, r.priority))
-    return tuple(out)
+    callbacks = redispatch_stale_callbacks(conn, now, older_than, limit - len(out), pass_id)
+    return tuple(out) + callbacks
 
 
 def promote_due_retries(

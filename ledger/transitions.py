@@ -12,11 +12,12 @@ from typing import Any
 from sqlalchemy import Connection, insert, select, update
 
 from ledger import tables as t
+from ledger.callbacks import enqueue_callback
 from ledger.db import lock_workflow
 from ledger.errors import InvalidCompletionError
 from ledger.evidence import record_evidence
 from ledger.jsonsafe import json_problems
-from ledger.model import CompletionResult, ReadyStep
+from ledger.model import CALLBACK_JOB, CompletionResult, ReadyStep
 from ledger.rules import (
     TERMINAL_STATES,
     Classification,
@@ -215,22 +216,35 @@ def mark_dispatched(
     Conditional on `dispatched_at IS NULL`, so of two dispatchers racing for a step
     exactly one publishes it.
     """
-    s = t.steps
     marked = []
     for r in candidates:
         result = conn.execute(
-            update(s)
-            .where(
-                s.c.workflow_id == r.workflow_id,
-                s.c.name == r.step,
-                s.c.state == StepState.AVAILABLE.value,
-                s.c.dispatched_at.is_(None),
-            )
+            _dispatch_update(r)
+            .where(_job_table(r).c.dispatched_at.is_(None))
             .values(dispatched_at=now)
         )
         if result.rowcount == 1:
             marked.append(r)
     return tuple(marked)
+
+
+def _job_table(r: ReadyStep) -> Any:
+    return t.callbacks if r.job == CALLBACK_JOB else t.steps
+
+
+def _dispatch_update(r: ReadyStep) -> Any:
+    """An UPDATE of the available step (or callback) `r` names."""
+    if r.job == CALLBACK_JOB:
+        c = t.callbacks
+        return update(c).where(
+            c.c.workflow_id == r.workflow_id, c.c.state == StepState.AVAILABLE.value
+        )
+    s = t.steps
+    return update(s).where(
+        s.c.workflow_id == r.workflow_id,
+        s.c.name == r.step,
+        s.c.state == StepState.AVAILABLE.value,
+    )
 
 
 def reconcile_descendants(
@@ -405,6 +419,9 @@ def apply_changes(
     if outcome is not None:
         values.update(state="finished", outcome=outcome, finished_at=now)
     conn.execute(update(t.workflows).where(t.workflows.c.id == wf["id"]).values(**values))
+    if outcome is not None:
+        # In the transaction that records the outcome: the callback is enqueued with it.
+        enqueue_callback(conn, wf, outcome, counts, now)
     return outcome
 
 
@@ -421,16 +438,7 @@ def _flag_for_review(conn: Connection, workflow_id: str, step: str, now: datetim
 def unmark_dispatched(conn: Connection, steps: Iterable[ReadyStep]) -> int:
     """Undo `mark_dispatched` for steps whose publish failed, so the dispatcher sends them
     on its next pass instead of waiting for the stale-dispatch deadline."""
-    s = t.steps
     count = 0
     for r in steps:
-        count += conn.execute(
-            update(s)
-            .where(
-                s.c.workflow_id == r.workflow_id,
-                s.c.name == r.step,
-                s.c.state == StepState.AVAILABLE.value,
-            )
-            .values(dispatched_at=None)
-        ).rowcount
+        count += conn.execute(_dispatch_update(r).values(dispatched_at=None)).rowcount
     return count

@@ -1,6 +1,8 @@
 """Streamflow: durable DAG workflows on a PostgreSQL ledger."""
 
 from ledger.model import (
+    CallbackAttemptRecord,
+    CallbackRecord,
     CancelRequestRecord,
     CancelResult,
     CompletionResult,
@@ -23,6 +25,8 @@ from streamflow.worker import JobSpec, Worker
 
 __all__ = [
     "SEMANTICS_VERSION",
+    "CallbackAttemptRecord",
+    "CallbackRecord",
     "CancelRequestRecord",
     "CancelResult",
     "CompletionResult",

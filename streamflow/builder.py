@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 from ledger import operations
 from ledger.db import Repo
 from ledger.model import (
+    CallbackDefinition,
+    CallbackRecord,
     CancelRequestRecord,
     CancelResult,
     CompletionResult,
@@ -82,7 +85,11 @@ class Workflow:
 
     ```python
     wf = (
-        Workflow.new(name="sync_customer", workflow_context={"account_id": 42})
+        Workflow.new(
+            name="sync_customer",
+            workflow_context={"account_id": 42},
+            on_finish=NotifyOps.new({"channel": "#billing"}),  # optional
+        )
         .add("fetch", FetchCustomer.new({"account_id": 42}))
         .add("bill", SyncBilling.new({"customer": Workflow.result("fetch")}), deps=["fetch"])
         .add("cleanup", Cleanup.new({}), deps=[Dep("bill", policy="continue")])
@@ -94,17 +101,36 @@ class Workflow:
     name: str
     workflow_context: dict[str, Any] = field(default_factory=dict)
     steps: tuple[StepSpec, ...] = ()
+    #: Run once when the workflow records its final outcome (see `Workflow.new`).
+    on_finish: JobSpec | None = None
 
     # -- building ---------------------------------------------------------------------
 
     @classmethod
-    def new(cls, name: str, workflow_context: dict[str, Any] | None = None) -> Workflow:
+    def new(
+        cls,
+        name: str,
+        workflow_context: dict[str, Any] | None = None,
+        *,
+        on_finish: JobSpec | None = None,
+    ) -> Workflow:
+        """A new, empty workflow definition.
+
+        `on_finish` (a job from `MyWorker.new(args)`) is enqueued exactly once, in the
+        transaction that records the workflow's final outcome — completed, failed or
+        cancelled — and run by a worker serving its queue. Its `ctx` carries
+        `workflow_outcome` and `counters` (and `results`: every completed step's result).
+        """
+        if on_finish is not None and not isinstance(on_finish, JobSpec):
+            raise TypeError(
+                f"on_finish must come from MyWorker.new(args), got {type(on_finish).__name__}"
+            )
         context = {} if workflow_context is None else workflow_context
         # Copied so later changes to the caller's dict do not reach the definition; a
         # value that cannot be copied cannot be stored either, and validation says so.
         with contextlib.suppress(Exception):
             context = copy.deepcopy(context)
-        return cls(name=name, workflow_context=context)
+        return cls(name=name, workflow_context=context, on_finish=on_finish)
 
     def add(self, name: str, job: JobSpec, deps: Iterable[str | Dep] | str | Dep = ()) -> Workflow:
         """A new Workflow with step `name` added, running `job` after `deps`."""
@@ -124,7 +150,7 @@ class Workflow:
                     f"step {name!r}: each dependency is a step name or a Dep, got {d!r}"
                 )
         step = StepSpec(name=name, job=job, deps=tuple(normalized))
-        return Workflow(self.name, self.workflow_context, (*self.steps, step))
+        return dataclasses.replace(self, steps=(*self.steps, step))
 
     @staticmethod
     def result(step: str) -> ResultRef:
@@ -135,7 +161,12 @@ class Workflow:
 
     def validate(self) -> list[Any]:
         """Every problem with this definition (empty when it can be inserted)."""
-        return validate(self.name, self.workflow_context, [_shape(s) for s in self.steps])
+        return validate(
+            self.name,
+            self.workflow_context,
+            [_shape(s) for s in self.steps],
+            on_finish=None if self.on_finish is None else _job_shape("on_finish", self.on_finish),
+        )
 
     def definition(self) -> WorkflowDefinition:
         """The ledger's form of this workflow; raises WorkflowValidationError if invalid."""
@@ -156,6 +187,15 @@ class Workflow:
                     deps=tuple((d.step, EdgePolicy(d.policy)) for d in s.deps),
                 )
                 for s in self.steps
+            ),
+            on_finish=None
+            if self.on_finish is None
+            else CallbackDefinition(
+                worker=self.on_finish.worker,
+                queue=self.on_finish.queue,
+                args=_encode(self.on_finish.args, []),
+                max_attempts=self.on_finish.max_attempts,
+                priority=self.on_finish.priority,
             ),
         )
 
@@ -216,6 +256,12 @@ class Workflow:
         return operations.cancel_requests(repo, workflow_id)
 
     @staticmethod
+    def callback(repo: Repo, workflow_id: str) -> CallbackRecord | None:
+        """The workflow's `on_finish` callback with every delivery and its result; None
+        until the workflow finishes (or if it has none)."""
+        return operations.callback(repo, workflow_id)
+
+    @staticmethod
     def get(repo: Repo, workflow_id: str) -> WorkflowRecord:
         """The workflow with its state, outcome, counters and every step's state."""
         return operations.get(repo, workflow_id)
@@ -239,15 +285,19 @@ def _encode(value: Any, refs: list[str]) -> Any:
 
 
 def _shape(s: StepSpec) -> StepShape:
+    return _job_shape(s.name, s.job, [d.step for d in s.deps])
+
+
+def _job_shape(name: str, job: JobSpec, deps: list[str] | None = None) -> StepShape:
     refs: list[str] = []
-    encoded = _encode(s.job.args, refs)
+    encoded = _encode(job.args, refs)
     return StepShape(
-        name=s.name,
-        deps=[d.step for d in s.deps],
+        name=name,
+        deps=deps or [],
         references=refs,
         encoded_args=encoded,
-        queue=s.job.queue,
-        max_attempts=s.job.max_attempts,
-        priority=s.job.priority,
-        worker=s.job.worker,
+        queue=job.queue,
+        max_attempts=job.max_attempts,
+        priority=job.priority,
+        worker=job.worker,
     )

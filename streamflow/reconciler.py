@@ -36,7 +36,8 @@ from typing import Any
 from sqlalchemy import Connection, Engine, select
 
 from ledger import tables as t
-from ledger.model import ReadyStep
+from ledger.callback_jobs import callback_state, expire_callback_leases
+from ledger.model import CALLBACK_JOB, ReadyStep
 from ledger.reconcile import (
     find_dropped_events,
     find_unapplied_releases,
@@ -162,6 +163,12 @@ class Reconciler:
         counts["lease_expired"] += len(expired)
         for result in expired:
             telemetry.completion_recorded(self.engine, result, source="reconciler")
+
+        counts["callback_lease_expired"] += len(
+            in_transaction(
+                self.engine, lambda c: expire_callback_leases(c, now, cfg.batch, pass_id)
+            )
+        )
 
         promoted = in_transaction(
             self.engine,
@@ -346,11 +353,17 @@ class Reconciler:
 
         def hand_back(conn: Connection) -> None:
             s = t.steps
-            state = conn.execute(
-                select(s.c.state).where(s.c.workflow_id == msg.workflow_id, s.c.name == msg.step)
-            ).scalar()
+            if msg.job == CALLBACK_JOB:
+                state = callback_state(conn, msg.workflow_id)
+            else:
+                state = conn.execute(
+                    select(s.c.state).where(
+                        s.c.workflow_id == msg.workflow_id, s.c.name == msg.step
+                    )
+                ).scalar()
             if state == "available":
-                unmark_dispatched(conn, [ReadyStep(msg.workflow_id, msg.step, msg.queue)])
+                ready = ReadyStep(msg.workflow_id, msg.step, msg.queue, job=msg.job)
+                unmark_dispatched(conn, [ready])
             record_recovery(
                 conn,
                 workflow_id=msg.workflow_id,

@@ -31,7 +31,12 @@ class StepShape:
     worker: Any
 
 
-def validate(name: Any, context: Any, steps: Sequence[StepShape]) -> list[ValidationIssue]:
+def validate(
+    name: Any,
+    context: Any,
+    steps: Sequence[StepShape],
+    on_finish: StepShape | None = None,
+) -> list[ValidationIssue]:
     issues: list[ValidationIssue] = []
     if not _good_name(name):
         issues.append(
@@ -93,7 +98,25 @@ def validate(name: Any, context: Any, steps: Sequence[StepShape]) -> list[Valida
             issues.append(ValidationIssue("not_json_safe", s.name, p))
 
     issues.extend(_cycles(steps, known))
+    if on_finish is not None:
+        issues.extend(_callback_issues(on_finish))
     return issues
+
+
+def _callback_issues(job: StepShape) -> Iterable[ValidationIssue]:
+    """The `on_finish` job: a valid job with plain JSON args and no result placeholders
+    (it has no dependencies; its ctx.results holds every completed step's result)."""
+    for issue in _job_issues(job):
+        yield ValidationIssue(issue.code, None, f"on_finish: {issue.message}")
+    for p in json_problems(job.encoded_args, "on_finish args"):
+        yield ValidationIssue("not_json_safe", None, p)
+    for ref in dict.fromkeys(job.references):
+        yield ValidationIssue(
+            "invalid_job",
+            None,
+            f"on_finish: uses Workflow.result({ref!r}); a callback has no dependencies, so "
+            "read the results from ctx.results instead",
+        )
 
 
 def _good_name(name: Any) -> bool:

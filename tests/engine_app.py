@@ -119,3 +119,18 @@ class WaitsForCancel(Worker):
         noticed = ctx.cancel_requested()
         _note(ctx, phase="end", noticed_cancel=noticed, at=time.time())
         return {"noticed_cancel": noticed}
+
+
+class Notify(Worker):
+    """An `on_finish` callback: logs what its context says about the finished workflow."""
+
+    def perform(self, args: dict[str, Any], ctx: StepContext) -> object:
+        _note(
+            ctx,
+            phase="callback",
+            outcome=ctx.workflow_outcome,
+            counters=ctx.counters,
+            results=sorted(ctx.results),
+            args=args,
+        )
+        return {"notified": ctx.workflow_outcome, "to": args.get("to")}

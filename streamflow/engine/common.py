@@ -45,4 +45,4 @@ def in_transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
 
 def ready_messages(steps: Sequence[ReadyStep]) -> list[ReadyMessage]:
     at = now_ms()
-    return [ReadyMessage(s.workflow_id, s.step, s.queue, at, s.priority) for s in steps]
+    return [ReadyMessage(s.workflow_id, s.step, s.queue, at, s.priority, s.job) for s in steps]

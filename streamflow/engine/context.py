@@ -22,8 +22,15 @@ class StepContext:
     max_attempts: int
     #: The workflow's context, as given to `Workflow.new`.
     workflow_context: dict[str, Any]
-    #: Stored results of this step's dependencies, by step name.
+    #: Stored results of this step's dependencies, by step name (for an `on_finish`
+    #: callback: of every completed step).
     results: dict[str, Any]
+    #: For a step that awaited a signal: the payload of the signal that released it.
+    signal: Any = None
+    #: For an `on_finish` callback: the workflow's outcome (completed, failed, cancelled)
+    #: and its step counters when it finished. None for steps.
+    workflow_outcome: str | None = None
+    counters: dict[str, int] | None = None
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def cancel_requested(self) -> bool:

@@ -22,11 +22,12 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
-from ledger.claims import Claim, ClaimRefused, claim_step, release_claim, renew_lease
+from ledger.claims import Claim, ClaimRefused
 from ledger.errors import InvalidCompletionError, LedgerError
-from ledger.model import CompletionResult
+from ledger.jobs import claim_job, complete_job, release_job_claim, renew_job_lease
+from ledger.model import STEP_JOB, CompletionResult
 from ledger.rules import CompletionStatus
-from ledger.transitions import complete_step, unmark_dispatched
+from ledger.transitions import unmark_dispatched
 from streamflow import telemetry
 from streamflow.engine.common import in_transaction, now_ms, ready_messages, utcnow
 from streamflow.engine.context import Cancel, StepContext
@@ -94,7 +95,7 @@ class WorkerRuntime:
         self.publisher = Publisher(transport, keys)
         self.streams = keys.ready_streams(list(config.queues))
         self.stats = WorkerStats()
-        self._running: dict[tuple[str, str], _Running] = {}
+        self._running: dict[tuple[str, str, str], _Running] = {}
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(config.concurrency)
         self._idle = threading.Condition(self._lock)
@@ -236,8 +237,9 @@ class WorkerRuntime:
         try:
             claim = in_transaction(
                 self.engine,
-                lambda conn: claim_step(
+                lambda conn: claim_job(
                     conn,
+                    msg.job,
                     msg.workflow_id,
                     msg.step,
                     owner=cfg.name,
@@ -310,9 +312,12 @@ class WorkerRuntime:
             max_attempts=claim.max_attempts,
             workflow_context=claim.workflow_context,
             results=claim.dependency_results,
+            signal=claim.signal,
+            workflow_outcome=claim.workflow_outcome,
+            counters=claim.counters,
         )
         running = _Running(claim, ctx)
-        key = (claim.workflow_id, claim.step)
+        key = (claim.workflow_id, claim.step, claim.job)
         with self._lock:
             self._running[key] = running
         # Registered first, so the heartbeat renews the lease even if the ack is slow.
@@ -358,8 +363,9 @@ class WorkerRuntime:
 
     def _record(self, claim: Claim, status: str, payload: Any, running: _Running) -> None:
         def record(conn: Any, status: str, payload: Any) -> CompletionResult:
-            return complete_step(
+            return complete_job(
                 conn,
+                claim.job,
                 claim.workflow_id,
                 claim.step,
                 status,
@@ -397,7 +403,8 @@ class WorkerRuntime:
             classification=result.classification.value,
             released=len(result.released),
         )
-        if not result.applied:
+        if not result.applied or claim.job != STEP_JOB:
+            # A callback has no children and no completion event.
             return
         if result.ready and not self.publisher.publish_ready(ready_messages(result.ready)):
             # Hand them back to the dispatcher rather than wait for the stale deadline.
@@ -456,8 +463,9 @@ class WorkerRuntime:
 
     def _renew(self, c: Claim) -> bool:
         def renew(conn: Connection) -> bool:
-            return renew_lease(
+            return renew_job_lease(
                 conn,
+                c.job,
                 c.workflow_id,
                 c.step,
                 owner=c.lease_owner,
@@ -470,8 +478,14 @@ class WorkerRuntime:
 
     def _release(self, c: Claim) -> bool:
         def release(conn: Connection) -> bool:
-            return release_claim(
-                conn, c.workflow_id, c.step, owner=c.lease_owner, attempt=c.attempt, now=utcnow()
+            return release_job_claim(
+                conn,
+                c.job,
+                c.workflow_id,
+                c.step,
+                owner=c.lease_owner,
+                attempt=c.attempt,
+                now=utcnow(),
             )
 
         return in_transaction(self.engine, release)

@@ -1,7 +1,10 @@
 """The two messages carried on streams, as flat str -> str fields.
 
     completion:  v=1 kind=completion workflow_id step status attempt key at_ms
-    ready:       v=1 kind=ready workflow_id step queue priority at_ms
+    ready:       v=1 kind=ready workflow_id step queue priority at_ms [job]
+
+`job` is `step` (the default, and then omitted) or `callback`: the workflow's `on_finish`
+job, whose `step` is then `on_finish`.
 
 Messages are hints, never truth: the ledger decides what happens. So decoding is strict
 (anything odd raises `MalformedEntry`, which the engine dead-letters and records rather
@@ -24,6 +27,8 @@ from ledger.rules import CompletionStatus
 
 VERSION = "1"
 Kind = Literal["completion", "ready"]
+#: What a ready message offers: a step, or a workflow's `on_finish` callback.
+JOBS = ("step", "callback")
 
 # Plain ASCII decimal: int() would also take " 1", "+1", "1_0" and Unicode digits.
 _NON_NEGATIVE = re.compile(r"0|[1-9][0-9]*")
@@ -86,6 +91,8 @@ class ReadyMessage:
     queue: str
     at_ms: int
     priority: int = 0
+    #: step, or callback (the workflow's `on_finish` job).
+    job: str = "step"
 
     def __post_init__(self) -> None:
         _require_text("workflow_id", self.workflow_id)
@@ -93,6 +100,8 @@ class ReadyMessage:
         _require_text("queue", self.queue)
         _require_int("at_ms", self.at_ms)
         _require_int("priority", self.priority, minimum=None)
+        if self.job not in JOBS:
+            raise ValueError(f"job must be one of {', '.join(JOBS)}, got {self.job!r}")
 
 
 Message = CompletionEvent | ReadyMessage
@@ -112,7 +121,7 @@ def encode_completion(event: CompletionEvent) -> dict[str, str]:
 
 
 def encode_ready(message: ReadyMessage) -> dict[str, str]:
-    return {
+    fields = {
         "v": VERSION,
         "kind": "ready",
         "workflow_id": message.workflow_id,
@@ -121,6 +130,9 @@ def encode_ready(message: ReadyMessage) -> dict[str, str]:
         "priority": str(message.priority),
         "at_ms": str(message.at_ms),
     }
+    if message.job != "step":
+        fields["job"] = message.job
+    return fields
 
 
 def encode(message: Message) -> dict[str, str]:
@@ -188,12 +200,16 @@ def decode_ready(fields: Mapping[str, str]) -> ReadyMessage:
     _check_header(fields, "ready")
     # priority is optional so a producer that does not care need not send it.
     priority = _int_field(fields, "priority", signed=True) if "priority" in fields else 0
+    job = _field(fields, "job") if "job" in fields else "step"
+    if job not in JOBS:
+        raise MalformedEntry(f"unknown job {job!r}", fields)
     return ReadyMessage(
         workflow_id=_field(fields, "workflow_id"),
         step=_field(fields, "step"),
         queue=_field(fields, "queue"),
         at_ms=_int_field(fields, "at_ms"),
         priority=priority,
+        job=job,
     )
 
 

@@ -45,9 +45,7 @@ def cli(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def lines(cluster: Cluster, **match: Any) -> list[dict[str, Any]]:
-    return [
-        r for r in app.perform_log(cluster.log) if all(r.get(k) == v for k, v in match.items())
-    ]
+    return [r for r in app.perform_log(cluster.log) if all(r.get(k) == v for k, v in match.items())]
 
 
 def test_cancel_revokes_a_running_step_and_its_late_completion_changes_nothing(
@@ -118,3 +116,55 @@ def test_cancel_of_an_unknown_workflow_is_one_line_and_exit_code_2(cluster: Clus
     assert bad.returncode == 2
     assert "no workflow with id" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_the_callback_runs_exactly_once_even_when_its_ready_message_is_replayed(
+    pg_engine: Engine, cluster: Cluster
+) -> None:
+    wfs = [
+        Workflow.new(f"callback_{i}", ctx(cluster), on_finish=app.Notify.new({"to": f"t{i}"}))
+        .add("a", app.Echo.new())
+        .add("b", app.Echo.new(), deps=["a"])
+        for i in range(5)
+    ]
+    cluster.consumer()
+    cluster.worker("w1")
+    cluster.worker("w2")
+    wids = [Workflow.insert(wf, pg_engine).id for wf in wfs]
+
+    def callbacks_done() -> bool:
+        return all(
+            (cb := Workflow.callback(pg_engine, w)) is not None and cb.state == "completed"
+            for w in wids
+        )
+
+    wait_for(callbacks_done, 30, "every callback to complete", on_timeout=cluster.outputs)
+    stream = cluster.keys.ready("default")
+    replayed = 0
+    for _id, fields in cluster.redis.xrange(stream):
+        if fields.get("job") == "callback":
+            for _ in range(3):
+                cluster.redis.xadd(stream, fields)
+                replayed += 1
+    assert replayed == 3 * len(wids)
+
+    def refused() -> int:
+        e = t.evidence
+        with pg_engine.connect() as conn:
+            return len(
+                conn.execute(
+                    select(e.c.id).where(
+                        e.c.kind == "callback", e.c.classification.in_(("duplicate", "late"))
+                    )
+                ).all()
+            )
+
+    wait_for(lambda: refused() >= replayed, 20, "the replays refused", on_timeout=cluster.outputs)
+    runs = lines(cluster, phase="callback")
+    assert sorted(r["wf"] for r in runs) == sorted(wids)
+    for wid, i in zip(wids, range(5), strict=True):
+        cb = Workflow.callback(pg_engine, wid)
+        assert cb is not None
+        assert cb.result == {"notified": "completed", "to": f"t{i}"}
+        assert [(a.attempt, a.status) for a in cb.attempts] == [(1, "completed")]
+        assert cb.counters["completed"] == 2

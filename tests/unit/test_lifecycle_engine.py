@@ -21,7 +21,15 @@ from ledger import tables as t
 from streamflow import Workflow
 from streamflow.engine.maintenance import Maintenance
 from streamflow.engine.worker_runtime import WorkerConfig, WorkerRuntime
-from streamflow.streams import RedisTransport, StreamKeys, connect
+from streamflow.streams import (
+    MalformedEntry,
+    ReadyMessage,
+    RedisTransport,
+    StreamKeys,
+    connect,
+    decode_ready,
+    encode,
+)
 from tests import engine_app as app
 
 T = TypeVar("T")
@@ -133,3 +141,59 @@ def test_a_running_step_sees_the_cancel_within_one_heartbeat(
     assert (record.outcome, record.steps["wait"].state.value) == ("cancelled", "cancelled")
     assert Workflow.results(sqlite_engine, wid) == {}
     assert worker.stats.completed == 0
+
+
+# -- callbacks -----------------------------------------------------------------------------------
+
+
+def test_ready_messages_carry_the_job_and_default_to_a_step() -> None:
+    callback = ReadyMessage("wf1", "on_finish", "emails", at_ms=5, priority=2, job="callback")
+    fields = encode(callback)
+    assert fields["job"] == "callback"
+    assert decode_ready(fields) == callback
+    step = ReadyMessage("wf1", "a", "default", at_ms=5)
+    assert "job" not in encode(step)  # unchanged on the wire for steps
+    assert decode_ready(encode(step)).job == "step"
+    with pytest.raises(MalformedEntry, match="unknown job"):
+        decode_ready({**fields, "job": "party"})
+    with pytest.raises(ValueError, match="job must be one of"):
+        ReadyMessage("wf1", "a", "default", at_ms=5, job="party")
+
+
+def test_the_callback_runs_once_with_the_outcome_in_its_context(
+    sqlite_engine: Engine, transport: RedisTransport, keys: StreamKeys, perform_log: Path
+) -> None:
+    wf = (
+        Workflow.new(
+            "with_callback",
+            {"log": str(perform_log)},
+            on_finish=app.Notify.new({"to": "ops"}),
+        )
+        .add("a", app.Echo.new())
+        .add("b", app.Explode.new())
+        .add("c", app.Echo.new(), deps=["b"])
+    )
+    wid = Workflow.insert(wf, sqlite_engine).id
+    worker = worker_for(sqlite_engine, transport, keys)
+    maintenance = Maintenance(sqlite_engine, transport, keys)
+    with running(worker.run), running(maintenance.run):
+        until(
+            lambda: (cb := Workflow.callback(sqlite_engine, wid)) and cb.state == "completed",
+            "the callback to complete",
+        )
+        # The dispatcher keeps polling: nothing sends or runs it again.
+        time.sleep(0.3)
+    [line] = log_lines(perform_log, phase="callback")
+    assert line["step"] == "on_finish" and line["attempt"] == 1
+    assert line["outcome"] == "failed"
+    assert (line["counters"]["completed"], line["counters"]["failed"]) == (1, 1)
+    assert line["counters"]["cancelled"] == 1
+    assert line["results"] == ["a"]
+    cb = Workflow.callback(sqlite_engine, wid)
+    assert cb is not None
+    assert cb.result == {"notified": "failed", "to": "ops"}
+    assert [(a.attempt, a.status, a.source) for a in cb.attempts] == [(1, "completed", "worker")]
+    # No completion event is published for a callback.
+    completions = transport.client.xrange(keys.completions)
+    assert all(dict(f)["step"] != "on_finish" for _, f in completions)  # type: ignore[union-attr]
+    assert worker.stats.completed == 2  # "a" and the callback

@@ -1,0 +1,103 @@
+"""One entry point per worker operation, for either job a ready message can carry: a
+workflow's step (`ledger.claims`, `ledger.transitions`) or its `on_finish` callback
+(`ledger.callback_jobs`). The worker calls these with the message's `job`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection
+
+from ledger.callback_jobs import (
+    claim_callback,
+    complete_callback,
+    release_callback_claim,
+    renew_callback_lease,
+)
+from ledger.claims import Claim, ClaimRefused, claim_step, release_claim, renew_lease
+from ledger.model import CALLBACK_JOB, STEP_JOB, CompletionResult
+from ledger.transitions import complete_step
+
+JOBS = (STEP_JOB, CALLBACK_JOB)
+
+
+def _check(job: str) -> None:
+    if job not in JOBS:
+        raise ValueError(f"unknown job {job!r}; use one of: {', '.join(JOBS)}")
+
+
+def claim_job(
+    conn: Connection,
+    job: str,
+    workflow_id: str,
+    step: str,
+    *,
+    owner: str,
+    lease_seconds: float,
+    now: datetime,
+) -> Claim | ClaimRefused:
+    _check(job)
+    claim = claim_callback if job == CALLBACK_JOB else claim_step
+    return claim(conn, workflow_id, step, owner=owner, lease_seconds=lease_seconds, now=now)
+
+
+def complete_job(
+    conn: Connection,
+    job: str,
+    workflow_id: str,
+    step: str,
+    status: str,
+    payload: Any,
+    *,
+    attempt: int,
+    source: str,
+    now: datetime,
+    dispatch: bool,
+) -> CompletionResult:
+    _check(job)
+    complete = complete_callback if job == CALLBACK_JOB else complete_step
+    return complete(
+        conn,
+        workflow_id,
+        step,
+        status,
+        payload,
+        attempt=attempt,
+        source=source,
+        now=now,
+        dispatch=dispatch,
+    )
+
+
+def renew_job_lease(
+    conn: Connection,
+    job: str,
+    workflow_id: str,
+    step: str,
+    *,
+    owner: str,
+    attempt: int,
+    lease_seconds: float,
+    now: datetime,
+) -> bool:
+    _check(job)
+    renew = renew_callback_lease if job == CALLBACK_JOB else renew_lease
+    return renew(
+        conn, workflow_id, step, owner=owner, attempt=attempt, lease_seconds=lease_seconds, now=now
+    )
+
+
+def release_job_claim(
+    conn: Connection,
+    job: str,
+    workflow_id: str,
+    step: str,
+    *,
+    owner: str,
+    attempt: int,
+    now: datetime,
+) -> bool:
+    _check(job)
+    release = release_callback_claim if job == CALLBACK_JOB else release_claim
+    return release(conn, workflow_id, step, owner=owner, attempt=attempt, now=now)
