@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from ledger.rules import (
     DependencyView,
@@ -38,6 +39,8 @@ class Blocker(enum.StrEnum):
     CANCEL_NOT_APPLIED = "cancel_not_applied"
     AMBIGUOUS_OUTCOME = "ambiguous_outcome"
     STEP_FAILED = "step_failed"
+    AWAITING_SIGNAL = "awaiting_signal"
+    AMBIGUOUS_SIGNAL = "ambiguous_signal"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +54,13 @@ class StepFacts:
     deps: Sequence[tuple[DependencyView, bool]]
     #: Dependencies whose result the step's args use through placeholders.
     referenced: frozenset[str]
+    #: The signal the step still waits for (None: it awaits none, or it arrived).
+    awaiting_signal: str | None = None
+    #: True once its await is active (dependencies satisfied, the deadline running).
+    await_active: bool = False
+    signal_deadline_at: datetime | None = None
+    #: A signal for its await repeated a dedupe key with a different payload.
+    ambiguous_signal: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +75,13 @@ def diagnose(f: StepFacts) -> Diagnosis:
     reasons: list[str] = []
     views = [d for d, _ in f.deps]
 
-    if f.needs_review:
+    if f.ambiguous_signal:
+        blockers.append(Blocker.AMBIGUOUS_SIGNAL)
+        reasons.append(
+            "a signal repeated an earlier dedupe key with a different payload; the first "
+            "stands (the signals table keeps both)"
+        )
+    elif f.needs_review:
         blockers.append(Blocker.AMBIGUOUS_OUTCOME)
         reasons.append(
             "a conflicting outcome was reported after the first one was recorded; "
@@ -82,7 +98,11 @@ def diagnose(f: StepFacts) -> Diagnosis:
         if retrying:
             blockers.append(Blocker.WAITING_ON_RETRYABLE_DEPENDENCY)
             reasons.append("waiting for the retry of " + _list(retrying))
-        decision = decide_child(views)
+        awaiting = f.awaiting_signal is not None
+        if awaiting:
+            blockers.append(Blocker.AWAITING_SIGNAL)
+            reasons.append(_await_reason(f))
+        decision = decide_child(views, awaiting_signal=awaiting)
         if decision.kind == "release":
             blockers.append(Blocker.RELEASE_NOT_APPLIED)
             reasons.append(
@@ -114,6 +134,8 @@ def diagnose(f: StepFacts) -> Diagnosis:
         reasons.append(
             "failed after exhausting its attempts"
             if f.terminal_cause == "attempts_exhausted"
+            else "failed: the signal it awaited did not arrive before its deadline"
+            if f.terminal_cause == "signal_deadline_expired"
             else "failed"
         )
     if f.state is StepState.CANCELLED:
@@ -143,7 +165,9 @@ def diagnose(f: StepFacts) -> Diagnosis:
 
 
 def _label(state: StepState, blockers: list[Blocker]) -> Label:
-    if Blocker.AMBIGUOUS_OUTCOME in blockers or state is StepState.FAILED:
+    if {Blocker.AMBIGUOUS_OUTCOME, Blocker.AMBIGUOUS_SIGNAL} & set(blockers) or (
+        state is StepState.FAILED
+    ):
         return Label.NEEDS_REVIEW
     if state is StepState.CANCELLED:
         return Label.CANCELLED
@@ -160,6 +184,15 @@ def _label(state: StepState, blockers: list[Blocker]) -> Label:
     if state is StepState.AVAILABLE:
         return Label.RUNNABLE
     return Label.WAITING
+
+
+def _await_reason(f: StepFacts) -> str:
+    name = f"waiting for signal {f.awaiting_signal!r}"
+    if not f.await_active:
+        return name + " too, once its dependencies are satisfied (its deadline starts then)"
+    if f.signal_deadline_at is not None:
+        return name + f" (deadline {f.signal_deadline_at.isoformat()})"
+    return name + " (no deadline)"
 
 
 def _list(deps: Sequence[DependencyView]) -> str:

@@ -147,6 +147,13 @@ def claim_step(
             )
         }
     args, _missing = resolve(row["args"], results) if deps else (row["args"], [])
+    # The payload of the signal that released it, for a step that awaited one.
+    a, sg = t.awaits, t.signals
+    signal = conn.execute(
+        select(sg.c.payload)
+        .join(a, a.c.signal_id == sg.c.id)
+        .where(a.c.workflow_id == workflow_id, a.c.step == step)
+    ).scalar()
     return Claim(
         workflow_id=workflow_id,
         workflow_name=wf["name"],
@@ -161,6 +168,7 @@ def claim_step(
         lease_owner=owner,
         lease_expires_at=expires,
         available_at=row["available_at"],
+        signal=signal,
     )
 
 

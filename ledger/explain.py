@@ -56,6 +56,11 @@ class StepExplanation:
     cancelled_by_step: str | None
     cancel_root_step: str | None
     scheduled_at: datetime | None
+    #: For a step that awaits a signal: its name, the await's state (pending, waiting,
+    #: satisfied, expired, cancelled) and, once active, its deadline.
+    await_signal: str | None = None
+    await_state: str | None = None
+    signal_deadline_at: datetime | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -76,6 +81,11 @@ class StepExplanation:
             "cancelled_by_step": self.cancelled_by_step,
             "cancel_root_step": self.cancel_root_step,
             "scheduled_at": self.scheduled_at.isoformat() if self.scheduled_at else None,
+            "await_signal": self.await_signal,
+            "await_state": self.await_state,
+            "signal_deadline_at": (
+                self.signal_deadline_at.isoformat() if self.signal_deadline_at else None
+            ),
         }
 
 
@@ -105,6 +115,30 @@ def explain_step(conn: Connection, workflow_id: str, step: str) -> StepExplanati
         )
         for d in dep_rows
     ]
+    a, sg = t.awaits, t.signals
+    awaiting = conn.execute(
+        select(a.c.signal, a.c.state, a.c.signal_id, a.c.deadline_at).where(
+            a.c.workflow_id == workflow_id, a.c.step == step
+        )
+    ).first()
+    ambiguous_signal = (
+        awaiting is not None
+        and conn.execute(
+            select(sg.c.id)
+            .where(
+                sg.c.workflow_id == workflow_id,
+                sg.c.step == step,
+                sg.c.classification == "ambiguous",
+            )
+            .limit(1)
+        ).first()
+        is not None
+    )
+    still_awaiting = (
+        awaiting is not None
+        and awaiting.signal_id is None
+        and awaiting.state in ("pending", "waiting")
+    )
     diagnosis = diagnose(
         StepFacts(
             state=StepState(row["state"]),
@@ -114,6 +148,10 @@ def explain_step(conn: Connection, workflow_id: str, step: str) -> StepExplanati
             cancel_root_step=row["cancel_root_step"],
             deps=deps,
             referenced=frozenset(referenced_steps(row["args"])),
+            awaiting_signal=awaiting.signal if still_awaiting and awaiting else None,
+            await_active=awaiting is not None and awaiting.state == "waiting",
+            signal_deadline_at=awaiting.deadline_at if awaiting else None,
+            ambiguous_signal=ambiguous_signal,
         )
     )
     return StepExplanation(
@@ -139,4 +177,7 @@ def explain_step(conn: Connection, workflow_id: str, step: str) -> StepExplanati
         cancelled_by_step=row["cancelled_by_step"],
         cancel_root_step=row["cancel_root_step"],
         scheduled_at=row["scheduled_at"],
+        await_signal=awaiting.signal if awaiting else None,
+        await_state=awaiting.state if awaiting else None,
+        signal_deadline_at=awaiting.deadline_at if awaiting else None,
     )

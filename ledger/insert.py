@@ -8,8 +8,8 @@ from sqlalchemy import Connection, insert
 
 from ledger import tables as t
 from ledger.ids import new_workflow_id
-from ledger.model import WorkflowDefinition
-from ledger.rules import SEMANTICS_VERSION, StepState
+from ledger.model import StepDefinition, WorkflowDefinition
+from ledger.rules import SEMANTICS_VERSION, AwaitState, StepState, await_deadline
 
 
 def insert_workflow(
@@ -17,12 +17,14 @@ def insert_workflow(
 ) -> str:
     """Insert a validated definition and return the new workflow's id.
 
-    Steps without dependencies start `available`; every other step starts `pending`.
+    Steps without dependencies start `available`; every other step starts `pending`, and
+    so does a root step that awaits a signal (its await is active from now).
     The caller validates first (the builder does): this writes what it is given.
     """
     now = now or datetime.now(UTC)
     workflow_id = new_workflow_id()
-    roots = sum(1 for s in definition.steps if not s.deps)
+    # A root step awaiting a signal starts pending, its await already active.
+    roots = sum(1 for s in definition.steps if not s.deps and s.await_signal is None)
     conn.execute(
         insert(t.workflows).values(
             id=workflow_id,
@@ -52,10 +54,10 @@ def insert_workflow(
                 "args": s.args,
                 "max_attempts": s.max_attempts,
                 "priority": s.priority,
-                "state": (StepState.PENDING if s.deps else StepState.AVAILABLE).value,
+                "state": (StepState.PENDING if _starts_pending(s) else StepState.AVAILABLE).value,
                 "attempt": 0,
                 "needs_review": False,
-                "available_at": None if s.deps else now,
+                "available_at": None if _starts_pending(s) else now,
                 "created_at": now,
                 "updated_at": now,
             }
@@ -69,4 +71,24 @@ def insert_workflow(
     ]
     if edge_rows:
         conn.execute(insert(t.edges), edge_rows)
+    await_rows = [
+        {
+            "workflow_id": workflow_id,
+            "step": s.name,
+            "signal": s.await_signal,
+            "deadline_ms": s.signal_deadline_ms,
+            # Active at once for a root; a child's activates when its dependencies are.
+            "state": (AwaitState.PENDING if s.deps else AwaitState.WAITING).value,
+            "activated_at": None if s.deps else now,
+            "deadline_at": None if s.deps else await_deadline(now, s.signal_deadline_ms),
+        }
+        for s in definition.steps
+        if s.await_signal is not None
+    ]
+    if await_rows:
+        conn.execute(insert(t.awaits), await_rows)
     return workflow_id
+
+
+def _starts_pending(step: StepDefinition) -> bool:
+    return bool(step.deps) or step.await_signal is not None

@@ -20,6 +20,10 @@ class StepDefinition:
     max_attempts: int
     priority: int
     deps: tuple[tuple[str, EdgePolicy], ...] = ()
+    #: The external signal this step also waits for, and how long it may take once
+    #: the step's dependencies are satisfied (None: no deadline).
+    await_signal: str | None = None
+    signal_deadline_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +106,22 @@ class StepRecord:
     scheduled_at: datetime | None
     finished_at: datetime | None
     deps: tuple[tuple[str, EdgePolicy], ...]
+    #: For a step that awaits a signal: its name, the await's state (pending, waiting,
+    #: satisfied, expired, cancelled), whether a signal was accepted for it, and when
+    #: the active await expires.
+    await_signal: str | None = None
+    await_state: str | None = None
+    signal_received: bool = False
+    signal_deadline_at: datetime | None = None
+
+    @property
+    def awaiting_signal(self) -> bool:
+        """True while the step still waits for its signal."""
+        return (
+            self.await_signal is not None
+            and not self.signal_received
+            and (self.await_state in ("pending", "waiting"))
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,3 +298,46 @@ class CallbackRecord:
                 for a in self.attempts
             ],
         }
+
+
+@dataclass(frozen=True, slots=True)
+class SignalResult:
+    """How one incoming signal was classified, and what it did."""
+
+    workflow_id: str
+    workflow_name: str
+    name: str
+    #: The signal row's id.
+    signal_id: int
+    #: consumed | recorded | duplicate | ambiguous | late | unmatched
+    classification: str
+    #: The step whose await it matched (None when unmatched).
+    step: str | None
+    reason: str | None = None
+    #: Steps this signal released (the awaiting step, when consumed).
+    released: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "workflow_id": self.workflow_id,
+            "name": self.name,
+            "signal_id": self.signal_id,
+            "classification": self.classification,
+            "step": self.step,
+            "reason": self.reason,
+            "released": list(self.released),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SignalRecord:
+    id: int
+    name: str
+    step: str | None
+    classification: str
+    payload: Any
+    dedupe_key: str | None
+    reason: str | None
+    source: str
+    created_at: datetime
+    consumed_at: datetime | None

@@ -20,11 +20,14 @@ from ledger.model import (
     CancelRequestRecord,
     CancelResult,
     CompletionResult,
+    SignalRecord,
+    SignalResult,
     WorkflowDefinition,
     WorkflowRecord,
 )
 from ledger.reads import get_results, get_workflow
 from ledger.rules import CompletionStatus
+from ledger.signals import record_signal, signals_of
 from ledger.transitions import complete_step
 
 
@@ -97,3 +100,24 @@ def cancel_requests(repo: Repo, workflow_id: str) -> list[CancelRequestRecord]:
 def callback(repo: Repo, workflow_id: str) -> CallbackRecord | None:
     with read(repo) as conn:
         return get_callback(conn, workflow_id)
+
+
+def signal(
+    repo: Repo,
+    workflow_id: str,
+    name: str,
+    payload: Any = None,
+    *,
+    dedupe_key: str | None = None,
+    source: str = "api",
+    now: datetime | None = None,
+) -> SignalResult:
+    with transaction(repo) as conn:
+        return record_signal(
+            conn, workflow_id, name, payload, dedupe_key=dedupe_key, source=source, now=now
+        )
+
+
+def signals(repo: Repo, workflow_id: str) -> list[SignalRecord]:
+    with read(repo) as conn:
+        return signals_of(conn, workflow_id)

@@ -45,6 +45,15 @@ def get_workflow(conn: Connection, workflow_id: str) -> WorkflowRecord:
         .order_by(p.c.position)
     ):
         deps.setdefault(e.child, []).append((e.parent, EdgePolicy(e.policy)))
+    a = t.awaits
+    awaits = {
+        r.step: r
+        for r in conn.execute(
+            select(a.c.step, a.c.signal, a.c.state, a.c.signal_id, a.c.deadline_at).where(
+                a.c.workflow_id == workflow_id
+            )
+        )
+    }
     steps: dict[str, StepRecord] = {}
     for s in conn.execute(
         select(t.steps).where(t.steps.c.workflow_id == workflow_id).order_by(t.steps.c.position)
@@ -65,6 +74,7 @@ def get_workflow(conn: Connection, workflow_id: str) -> WorkflowRecord:
             scheduled_at=s["scheduled_at"],
             finished_at=s["finished_at"],
             deps=tuple(deps.get(s["name"], [])),
+            **_await_fields(awaits.get(s["name"])),
         )
     return WorkflowRecord(
         id=w["id"],
@@ -79,6 +89,17 @@ def get_workflow(conn: Connection, workflow_id: str) -> WorkflowRecord:
         finished_at=w["finished_at"],
         steps=steps,
     )
+
+
+def _await_fields(row: Any) -> dict[str, Any]:
+    if row is None:
+        return {}
+    return {
+        "await_signal": row.signal,
+        "await_state": row.state,
+        "signal_received": row.signal_id is not None,
+        "signal_deadline_at": row.deadline_at,
+    }
 
 
 def get_results(conn: Connection, workflow_id: str) -> dict[str, Any]:

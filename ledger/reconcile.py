@@ -21,7 +21,7 @@ from ledger.db import lock_workflow
 from ledger.evidence import record_evidence
 from ledger.model import ReadyStep
 from ledger.recoveries import record_recovery
-from ledger.rules import TERMINAL_STATES, StepState, decide_child
+from ledger.rules import TERMINAL_STATES, AwaitState, StepState
 from ledger.transitions import Changes, apply_changes, children_with_deps, reconcile_descendants
 
 _TERMINAL = [s.value for s in TERMINAL_STATES]
@@ -198,16 +198,22 @@ def repair_releases(
     owed = [
         kid.name
         for kid in children_with_deps(conn, workflow_id, parent)
-        if kid.state is StepState.PENDING and decide_child([d for d, _ in kid.deps]).kind != "wait"
+        if kid.state is StepState.PENDING and _owed(kid.decide().kind, kid.await_state)
     ]
     if not owed:
         return []
     changes = Changes()
     reconcile_descendants(conn, workflow_id, [parent], changes, now)
     apply_changes(conn, wf, changes, now)
-    changed = changes.released + changes.cancelled
+    changed = changes.released + changes.cancelled + changes.awaiting
     for step in changed:
-        action = "released" if step in changes.released else "cancelled"
+        action = (
+            "released"
+            if step in changes.released
+            else "cancelled"
+            if step in changes.cancelled
+            else "activated the await of"
+        )
         record_recovery(
             conn,
             workflow_id=workflow_id,
@@ -219,6 +225,14 @@ def repair_releases(
             evidence={"parent": parent, "action": action},
         )
     return changed
+
+
+def _owed(decision: str, await_state: AwaitState | None) -> bool:
+    """A pending child is owed a change: a release or a cascade, or — its dependencies
+    satisfied and its signal not here — the activation of its await."""
+    if decision == "await":
+        return await_state is AwaitState.PENDING
+    return decision != "wait"
 
 
 # -- streams lost altogether --------------------------------------------------------------

@@ -12,6 +12,7 @@ import enum
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 #: The contract version every workflow row carries.
@@ -19,7 +20,7 @@ SEMANTICS_VERSION = 2
 
 
 class StepState(enum.StrEnum):
-    #: Waiting on dependencies (or, later, a signal).
+    #: Waiting on dependencies, or on a signal.
     PENDING = "pending"
     #: Released and runnable; waiting for a worker to claim it.
     AVAILABLE = "available"
@@ -98,18 +99,22 @@ def dependency_cancels(state: StepState, policy: EdgePolicy) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class ChildDecision:
-    kind: Literal["release", "cancel", "wait"]
+    #: release: make it available. cancel: cascade. wait: a dependency is unfinished.
+    #: await: every dependency is satisfied but the signal it awaits has not arrived —
+    #: its await is active (the deadline runs) and it stays pending.
+    kind: Literal["release", "cancel", "wait", "await"]
     #: For "cancel": the dependency whose terminal state caused it.
     cause: str | None = None
 
 
-def decide_child(deps: Sequence[DependencyView]) -> ChildDecision:
-    """What a pending step becomes, given its dependencies' states and edge policies."""
+def decide_child(deps: Sequence[DependencyView], awaiting_signal: bool = False) -> ChildDecision:
+    """What a pending step becomes, given its dependencies' states and edge policies, and
+    whether it still awaits a signal (it has an await and no signal was accepted for it)."""
     for dep in deps:
         if dependency_cancels(dep.state, dep.policy):
             return ChildDecision("cancel", cause=dep.step)
     if all(dependency_satisfied(d.state, d.policy) for d in deps):
-        return ChildDecision("release")
+        return ChildDecision("await" if awaiting_signal else "release")
     return ChildDecision("wait")
 
 
@@ -334,3 +339,96 @@ def cancelled_by_request(state: StepState) -> bool:
     """A cancel request cancels every step that is not terminal, executing ones included
     (their lease is revoked, so the worker's late report changes nothing)."""
     return state in UNFINISHED_STATES
+
+
+# -- awaits and signals ----------------------------------------------------------------
+
+
+class AwaitState(enum.StrEnum):
+    """Where a step's wait for an external signal stands."""
+
+    #: Its dependencies are not all satisfied yet: the deadline has not started. A signal
+    #: arriving now is recorded and held.
+    PENDING = "pending"
+    #: Active: dependencies satisfied, the deadline runs; the signal releases the step.
+    WAITING = "waiting"
+    #: A signal released the step.
+    SATISFIED = "satisfied"
+    #: The deadline passed without a signal: the step failed.
+    EXPIRED = "expired"
+    #: The step ended otherwise (cascade, cancel request, by hand).
+    CANCELLED = "cancelled"
+
+
+class SignalClassification(enum.StrEnum):
+    #: Matched an active await: the step is released.
+    CONSUMED = "consumed"
+    #: Arrived before its await was active: held, and consumed when it activates.
+    RECORDED = "recorded"
+    #: Same dedupe key and same payload as the first signal with that key.
+    DUPLICATE = "duplicate"
+    #: Same dedupe key, different payload: the first stands, the step is flagged.
+    AMBIGUOUS = "ambiguous"
+    #: Its await already had its signal, expired, or its step ended.
+    LATE = "late"
+    #: No step of the workflow awaits a signal of that name.
+    UNMATCHED = "unmatched"
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitView:
+    state: AwaitState
+    step_state: StepState
+    #: A signal was already accepted for it (held while pending, or consumed).
+    has_signal: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PriorSignal:
+    """The first signal recorded with the same name and dedupe key."""
+
+    payload: Any
+
+
+@dataclass(frozen=True, slots=True)
+class SignalDecision:
+    classification: SignalClassification
+    #: Why, in a closed vocabulary: conflicts_with_first_signal, no_such_await,
+    #: await_expired, step_finished, already_signalled.
+    reason: str | None = None
+
+
+def classify_signal(
+    await_: AwaitView | None, prior: PriorSignal | None, payload: Any
+) -> SignalDecision:
+    """How an incoming signal is classified. A repeated dedupe key is judged first (the
+    first signal with a key stands, whatever happened since), then the await it names."""
+    if prior is not None:
+        if json_equal(prior.payload, payload):
+            return SignalDecision(SignalClassification.DUPLICATE)
+        return SignalDecision(SignalClassification.AMBIGUOUS, "conflicts_with_first_signal")
+    if await_ is None:
+        return SignalDecision(SignalClassification.UNMATCHED, "no_such_await")
+    if await_.state is AwaitState.EXPIRED:
+        return SignalDecision(SignalClassification.LATE, "await_expired")
+    if await_.state is AwaitState.CANCELLED or await_.step_state in TERMINAL_STATES:
+        return SignalDecision(SignalClassification.LATE, "step_finished")
+    if await_.has_signal or await_.state is AwaitState.SATISFIED:
+        return SignalDecision(SignalClassification.LATE, "already_signalled")
+    if await_.step_state is not StepState.PENDING:
+        return SignalDecision(SignalClassification.LATE, "already_signalled")
+    if await_.state is AwaitState.WAITING:
+        return SignalDecision(SignalClassification.CONSUMED)
+    return SignalDecision(SignalClassification.RECORDED)
+
+
+def await_deadline(activated_at: datetime, deadline_ms: int | None) -> datetime | None:
+    """When an await activated at `activated_at` expires (None: it waits for ever)."""
+    if deadline_ms is None:
+        return None
+    return activated_at + timedelta(milliseconds=deadline_ms)
+
+
+def await_expired(state: AwaitState, deadline_at: datetime | None, now: datetime) -> bool:
+    """An active await whose deadline has come fails its step."""
+    return state is AwaitState.WAITING and deadline_at is not None and now >= deadline_at

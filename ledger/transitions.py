@@ -20,6 +20,8 @@ from ledger.jsonsafe import json_problems
 from ledger.model import CALLBACK_JOB, CompletionResult, ReadyStep
 from ledger.rules import (
     TERMINAL_STATES,
+    AwaitState,
+    ChildDecision,
     Classification,
     CompletionStatus,
     DependencyView,
@@ -27,6 +29,7 @@ from ledger.rules import (
     RecordedAttempt,
     StepSnapshot,
     StepState,
+    await_deadline,
     classify_completion,
     decide_child,
     retry_delay_seconds,
@@ -66,6 +69,8 @@ class Changes:
     cancelled: list[str] = field(default_factory=list)
     #: Released steps with their queues, in release order.
     ready: list[ReadyStep] = field(default_factory=list)
+    #: Steps whose dependencies are satisfied and whose await became active.
+    awaiting: list[str] = field(default_factory=list)
 
     def move(self, old: StepState, new: StepState) -> None:
         self.delta[old] -= 1
@@ -268,7 +273,14 @@ def reconcile_descendants(
             if kid.state is not StepState.PENDING:
                 continue
             child, deps = kid.name, kid.deps
-            decision = decide_child([d for d, _ in deps])
+            decision = kid.decide()
+            if decision.kind == "await":
+                # Dependencies satisfied, the signal not here yet: the await activates
+                # and its deadline starts now.
+                if kid.await_state is AwaitState.PENDING:
+                    activate_await(conn, workflow_id, child, kid.deadline_ms, now)
+                    changes.awaiting.append(child)
+                continue
             if decision.kind == "release":
                 if set_step_if(
                     conn,
@@ -285,6 +297,9 @@ def reconcile_descendants(
                     changes.move(StepState.PENDING, StepState.AVAILABLE)
                     changes.released.append(child)
                     changes.ready.append(ReadyStep(workflow_id, child, kid.queue, kid.priority))
+                    if kid.await_state is not None:
+                        # Its signal was held: consumed now.
+                        close_await(conn, workflow_id, child, AwaitState.SATISFIED, now)
             elif decision.kind == "cancel":
                 cause = decision.cause
                 root = next(r for d, r in deps if d.step == cause)
@@ -305,6 +320,8 @@ def reconcile_descendants(
                     changes.move(StepState.PENDING, StepState.CANCELLED)
                     changes.cancelled.append(child)
                     queue.append(child)
+                    if kid.await_state is not None:
+                        close_await(conn, workflow_id, child, AwaitState.CANCELLED, now)
 
 
 # -- queries ----------------------------------------------------------------------------
@@ -347,11 +364,23 @@ class _Child:
     priority: int
     #: Every dependency, with the root cause to record if that dependency cancels it.
     deps: list[tuple[DependencyView, str]] = field(default_factory=list)
+    #: Its await, if it waits for a signal too: state, accepted signal, deadline length.
+    await_state: AwaitState | None = None
+    signal_id: int | None = None
+    deadline_ms: int | None = None
+
+    @property
+    def awaiting_signal(self) -> bool:
+        """It has an await and no signal was accepted for it yet."""
+        return self.await_state is not None and self.signal_id is None
+
+    def decide(self) -> ChildDecision:
+        return decide_child([d for d, _ in self.deps], awaiting_signal=self.awaiting_signal)
 
 
 def children_with_deps(conn: Connection, workflow_id: str, parent: str) -> list[_Child]:
     """Each child of `parent` with all of its dependencies, ordered by position."""
-    e, p, c = t.edges, t.steps.alias("p"), t.steps.alias("c")
+    e, p, c, a = t.edges, t.steps.alias("p"), t.steps.alias("c"), t.awaits
     children = (
         select(e.c.child).where(e.c.workflow_id == workflow_id, e.c.parent == parent)
     ).scalar_subquery()
@@ -366,16 +395,29 @@ def children_with_deps(conn: Connection, workflow_id: str, parent: str) -> list[
             c.c.state.label("child_state"),
             c.c.queue,
             c.c.priority,
+            a.c.state.label("await_state"),
+            a.c.signal_id,
+            a.c.deadline_ms,
         )
         .join(p, (p.c.workflow_id == e.c.workflow_id) & (p.c.name == e.c.parent))
         .join(c, (c.c.workflow_id == e.c.workflow_id) & (c.c.name == e.c.child))
+        .outerjoin(a, (a.c.workflow_id == e.c.workflow_id) & (a.c.step == e.c.child))
         .where(e.c.workflow_id == workflow_id, e.c.child.in_(children))
         .order_by(c.c.position, p.c.position)
     ).all()
     grouped: dict[str, _Child] = {}
     for r in rows:
         child = grouped.setdefault(
-            r.child, _Child(r.child, StepState(r.child_state), r.queue, r.priority)
+            r.child,
+            _Child(
+                r.child,
+                StepState(r.child_state),
+                r.queue,
+                r.priority,
+                await_state=None if r.await_state is None else AwaitState(r.await_state),
+                signal_id=r.signal_id,
+                deadline_ms=r.deadline_ms,
+            ),
         )
         root = r.cancel_root_step if r.terminal_cause == "cancelled_by_dependency" else r.parent
         child.deps.append(
@@ -442,3 +484,57 @@ def unmark_dispatched(conn: Connection, steps: Iterable[ReadyStep]) -> int:
     for r in steps:
         count += conn.execute(_dispatch_update(r).values(dispatched_at=None)).rowcount
     return count
+
+
+# -- awaits ---------------------------------------------------------------------------------
+
+
+def activate_await(
+    conn: Connection, workflow_id: str, step: str, deadline_ms: int | None, now: datetime
+) -> bool:
+    """The step's dependencies are satisfied: its await turns active and the deadline
+    starts. Conditional on the await still being pending."""
+    a = t.awaits
+    return (
+        conn.execute(
+            update(a)
+            .where(
+                a.c.workflow_id == workflow_id,
+                a.c.step == step,
+                a.c.state == AwaitState.PENDING.value,
+            )
+            .values(
+                state=AwaitState.WAITING.value,
+                activated_at=now,
+                deadline_at=await_deadline(now, deadline_ms),
+            )
+        ).rowcount
+        == 1
+    )
+
+
+def close_await(
+    conn: Connection, workflow_id: str, step: str, state: AwaitState, now: datetime
+) -> None:
+    """Resolve an open await: satisfied (its held signal is consumed now), cancelled or
+    expired."""
+    a, sg = t.awaits, t.signals
+    open_states = (AwaitState.PENDING.value, AwaitState.WAITING.value)
+    row = conn.execute(
+        select(a.c.signal_id).where(
+            a.c.workflow_id == workflow_id, a.c.step == step, a.c.state.in_(open_states)
+        )
+    ).first()
+    if row is None:
+        return
+    conn.execute(
+        update(a)
+        .where(a.c.workflow_id == workflow_id, a.c.step == step, a.c.state.in_(open_states))
+        .values(state=state.value, resolved_at=now)
+    )
+    if state is AwaitState.SATISFIED and row.signal_id is not None:
+        conn.execute(
+            update(sg)
+            .where(sg.c.id == row.signal_id, sg.c.consumed_at.is_(None))
+            .values(consumed_at=now)
+        )

@@ -7,6 +7,8 @@ from ledger.model import (
     CancelResult,
     CompletionResult,
     Counters,
+    SignalRecord,
+    SignalResult,
     StepRecord,
     WorkflowRecord,
 )
@@ -38,6 +40,8 @@ __all__ = [
     "PersistedWorkflow",
     "ResultRef",
     "SchemaNotReadyError",
+    "SignalRecord",
+    "SignalResult",
     "StepExplanation",
     "StepNotFoundError",
     "StepRecord",

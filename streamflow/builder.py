@@ -7,6 +7,7 @@ import copy
 import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from ledger import operations
@@ -17,6 +18,8 @@ from ledger.model import (
     CancelRequestRecord,
     CancelResult,
     CompletionResult,
+    SignalRecord,
+    SignalResult,
     StepDefinition,
     WorkflowDefinition,
     WorkflowRecord,
@@ -63,6 +66,10 @@ class StepSpec:
     name: str
     job: JobSpec
     deps: tuple[Dep, ...] = ()
+    #: The external signal the step waits for besides its dependencies, if any.
+    await_signal: str | None = None
+    #: How long that signal may take once the dependencies are satisfied.
+    signal_deadline: timedelta | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +139,23 @@ class Workflow:
             context = copy.deepcopy(context)
         return cls(name=name, workflow_context=context, on_finish=on_finish)
 
-    def add(self, name: str, job: JobSpec, deps: Iterable[str | Dep] | str | Dep = ()) -> Workflow:
-        """A new Workflow with step `name` added, running `job` after `deps`."""
+    def add(
+        self,
+        name: str,
+        job: JobSpec,
+        deps: Iterable[str | Dep] | str | Dep = (),
+        *,
+        await_signal: str | None = None,
+        signal_deadline: timedelta | None = None,
+    ) -> Workflow:
+        """A new Workflow with step `name` added, running `job` after `deps`.
+
+        With `await_signal`, the step also waits for an external signal of that name
+        (`Workflow.signal`): it becomes available only once its dependencies are satisfied
+        *and* the signal arrived, and its payload is `ctx.signal` when it runs. With
+        `signal_deadline`, a signal that has not arrived that long after the dependencies
+        were satisfied fails the step (cascading as any failure).
+        """
         if not isinstance(job, JobSpec):
             raise TypeError(
                 f"step {name!r}: job must come from MyWorker.new(args), got {type(job).__name__}"
@@ -149,7 +171,13 @@ class Workflow:
                 raise TypeError(
                     f"step {name!r}: each dependency is a step name or a Dep, got {d!r}"
                 )
-        step = StepSpec(name=name, job=job, deps=tuple(normalized))
+        step = StepSpec(
+            name=name,
+            job=job,
+            deps=tuple(normalized),
+            await_signal=await_signal,
+            signal_deadline=signal_deadline,
+        )
         return dataclasses.replace(self, steps=(*self.steps, step))
 
     @staticmethod
@@ -185,6 +213,10 @@ class Workflow:
                     max_attempts=s.job.max_attempts,
                     priority=s.job.priority,
                     deps=tuple((d.step, EdgePolicy(d.policy)) for d in s.deps),
+                    await_signal=s.await_signal,
+                    signal_deadline_ms=None
+                    if s.signal_deadline is None
+                    else max(1, round(s.signal_deadline.total_seconds() * 1000)),
                 )
                 for s in self.steps
             ),
@@ -256,6 +288,35 @@ class Workflow:
         return operations.cancel_requests(repo, workflow_id)
 
     @staticmethod
+    def signal(
+        repo: Repo,
+        workflow_id: str,
+        name: str,
+        payload: Any = None,
+        *,
+        dedupe_key: str | None = None,
+    ) -> SignalResult:
+        """Send the workflow an external signal; every signal is kept, classified.
+
+        `consumed`: a step awaiting `name` had its dependencies satisfied, and is released
+        now (its `ctx.signal` is `payload`). `recorded`: it is not ready yet; the signal is
+        held and releases it when it is. `duplicate` / `ambiguous`: `dedupe_key` was used
+        before with the same / a different payload (the first stands; ambiguous flags the
+        step for review). `late`: the await already had its signal, expired, or its step
+        ended. `unmatched`: no step of the workflow awaits `name`.
+        """
+        result = operations.signal(repo, workflow_id, name, payload, dedupe_key=dedupe_key)
+        telemetry.signal_recorded(
+            workflow_name=result.workflow_name, classification=result.classification
+        )
+        return result
+
+    @staticmethod
+    def signals(repo: Repo, workflow_id: str) -> list[SignalRecord]:
+        """Every signal the workflow received, oldest first, with its classification."""
+        return operations.signals(repo, workflow_id)
+
+    @staticmethod
     def callback(repo: Repo, workflow_id: str) -> CallbackRecord | None:
         """The workflow's `on_finish` callback with every delivery and its result; None
         until the workflow finishes (or if it has none)."""
@@ -285,7 +346,10 @@ def _encode(value: Any, refs: list[str]) -> Any:
 
 
 def _shape(s: StepSpec) -> StepShape:
-    return _job_shape(s.name, s.job, [d.step for d in s.deps])
+    shape = _job_shape(s.name, s.job, [d.step for d in s.deps])
+    return dataclasses.replace(
+        shape, await_signal=s.await_signal, signal_deadline=s.signal_deadline
+    )
 
 
 def _job_shape(name: str, job: JobSpec, deps: list[str] | None = None) -> StepShape:

@@ -28,7 +28,7 @@ class ValidationIssue:
     """One problem found in a workflow definition."""
 
     #: duplicate_step, missing_dependency, self_loop, cycle, not_json_safe, invalid_name,
-    #: duplicate_dependency, empty_workflow, invalid_job
+    #: duplicate_dependency, empty_workflow, invalid_job, invalid_await, duplicate_await
     code: str
     #: The step concerned, or None for the workflow itself (its name or context).
     step: str | None

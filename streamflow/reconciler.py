@@ -5,8 +5,9 @@ A pass, in order:
 1. streams — if Redis lost its data (the epoch marker is gone), recreate the groups and
    re-dispatch every available step from the ledger;
 2. leases — executing steps whose lease expired go back to retryable (or failed, by the
-   attempt budget), the rescue Oban calls Lifeline;
-3. retries — retryable steps overdue for their retry go back to available;
+   attempt budget), the rescue Oban calls Lifeline; `on_finish` callbacks likewise;
+3. awaits and retries — a step whose signal did not arrive by its deadline fails (and
+   cascades); retryable steps overdue for their retry go back to available;
 4. dropped events — outcomes whose completion event no consumer consumed within a grace
    period are declared `dropped` and their release applied if missing;
 5. releases — steps that finished recently with a child still pending that should have
@@ -50,6 +51,7 @@ from ledger.reconcile import (
     undispatch_all_available,
 )
 from ledger.recoveries import record_recovery
+from ledger.signals import expire_awaits
 from ledger.sweeps import (
     dispatch_undispatched,
     expire_leases,
@@ -168,6 +170,10 @@ class Reconciler:
             in_transaction(
                 self.engine, lambda c: expire_callback_leases(c, now, cfg.batch, pass_id)
             )
+        )
+
+        counts["await_expired"] += len(
+            in_transaction(self.engine, lambda c: expire_awaits(c, now, cfg.batch, pass_id))
         )
 
         promoted = in_transaction(

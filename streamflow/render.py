@@ -108,6 +108,9 @@ def step_views(record: WorkflowRecord, with_results: Collection[str]) -> list[St
                 for parent, policy in deps
             ],
             referenced=frozenset(referenced_steps(step.args)),
+            awaiting_signal=step.await_signal if step.awaiting_signal else None,
+            await_active=step.await_state == "waiting",
+            signal_deadline_at=step.signal_deadline_at,
         )
         d = diagnose(facts)
         views.append(

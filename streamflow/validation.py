@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from ledger.jsonsafe import json_problems
@@ -29,6 +30,9 @@ class StepShape:
     max_attempts: Any
     priority: Any
     worker: Any
+    #: The signal name it awaits (None: none) and its deadline (a timedelta or None).
+    await_signal: Any = None
+    signal_deadline: Any = None
 
 
 def validate(
@@ -97,10 +101,50 @@ def validate(
         for p in json_problems(s.encoded_args, "args"):
             issues.append(ValidationIssue("not_json_safe", s.name, p))
 
+    issues.extend(_await_issues(steps))
     issues.extend(_cycles(steps, known))
     if on_finish is not None:
         issues.extend(_callback_issues(on_finish))
     return issues
+
+
+def _await_issues(steps: Sequence[StepShape]) -> Iterable[ValidationIssue]:
+    """A signal name is a non-empty string, awaited by one step of the workflow at most;
+    a deadline is a positive timedelta, and only for a step that awaits a signal."""
+    awaited: dict[str, str] = {}
+    for s in steps:
+        if not _good_name(s.name):
+            continue
+        if s.await_signal is not None:
+            if not _good_name(s.await_signal):
+                yield ValidationIssue(
+                    "invalid_await",
+                    s.name,
+                    f"await_signal must be a non-empty string of at most {MAX_NAME} "
+                    f"characters, got {s.await_signal!r}",
+                )
+            elif s.await_signal in awaited:
+                yield ValidationIssue(
+                    "duplicate_await",
+                    s.name,
+                    f"signal {s.await_signal!r} is already awaited by step "
+                    f"{awaited[s.await_signal]!r}; one step per signal name",
+                )
+            else:
+                awaited[s.await_signal] = s.name
+        if s.signal_deadline is not None:
+            if s.await_signal is None:
+                yield ValidationIssue(
+                    "invalid_await",
+                    s.name,
+                    "signal_deadline needs await_signal: a deadline is for a signal",
+                )
+            if not isinstance(s.signal_deadline, timedelta) or (s.signal_deadline <= timedelta(0)):
+                yield ValidationIssue(
+                    "invalid_await",
+                    s.name,
+                    f"signal_deadline must be a positive timedelta, got {s.signal_deadline!r}",
+                )
 
 
 def _callback_issues(job: StepShape) -> Iterable[ValidationIssue]:

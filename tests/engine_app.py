@@ -134,3 +134,11 @@ class Notify(Worker):
             args=args,
         )
         return {"notified": ctx.workflow_outcome, "to": args.get("to")}
+
+
+class EchoSignal(Worker):
+    """Returns (and logs) the payload of the signal that released it."""
+
+    def perform(self, args: dict[str, Any], ctx: StepContext) -> object:
+        _note(ctx, phase="signalled", signal=ctx.signal)
+        return {"signal": ctx.signal}

@@ -9,15 +9,18 @@ database in exit code 1.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.markup import escape
 
 from ledger import operations
 from ledger.errors import WorkflowNotFoundError
+from ledger.signals import InvalidSignalError
+from streamflow import telemetry
 from streamflow.cli import (
     EXIT_USAGE,
     CliError,
@@ -25,6 +28,7 @@ from streamflow.cli import (
     JsonOption,
     _choose,
     _edge,
+    _fail,
     _open,
     _print_json,
     _stdout,
@@ -38,10 +42,16 @@ WorkflowIdArgument = Annotated[
 
 @contextmanager
 def _unknown_is_bad_input() -> Iterator[None]:
+    """An id that names nothing, or a signal that cannot be recorded, is the caller's
+    mistake: one line, exit code 2."""
     try:
         yield
-    except WorkflowNotFoundError as exc:
+    except (WorkflowNotFoundError, InvalidSignalError) as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+
+
+def raise_usage(message: str) -> NoReturn:
+    _fail(message, EXIT_USAGE)
 
 
 @app.command()
@@ -111,3 +121,63 @@ def cancel(
             f"workflow {escape(workflow_id)} had already finished with outcome "
             f"{result.workflow_outcome}, which stands; request {result.request_id} recorded"
         )
+
+
+@app.command()
+def signal(
+    workflow_id: WorkflowIdArgument,
+    name: Annotated[
+        str, typer.Argument(help="The signal's name.", metavar="NAME", show_default=False)
+    ],
+    payload: Annotated[
+        str, typer.Option("--payload", help="The signal's payload as JSON.")
+    ] = "null",
+    dedupe_key: Annotated[
+        str | None,
+        typer.Option(
+            "--dedupe-key",
+            help="Repeats with the same key are duplicates (same payload) or ambiguous "
+            "(different payload; the first stands).",
+            show_default=False,
+        ),
+    ] = None,
+    database_url: DatabaseUrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Send a workflow an external signal; it is kept, whatever it turns out to be.
+
+    `consumed`: the step awaiting NAME was ready and is released now (its `ctx.signal` is
+    the payload). `recorded`: the step's dependencies are not done yet; the signal is held
+    and releases it when they are. `duplicate` / `ambiguous`: the dedupe key was used
+    before with the same / another payload. `late`: the await already had its signal,
+    expired, or its step ended. `unmatched`: no step of the workflow awaits NAME.
+
+    **Example:** `streamflow signal 01a213c9f22a43d4130de5f1c9ef1b34 manager_approval
+    --payload '{"approved": true, "by": "ann"}' --dedupe-key approval-7`
+    """
+    try:
+        value = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise_usage(f"--payload is not valid JSON: {exc}")
+    choice = _choose(database_url)
+    with _edge(choice):
+        engine = _open(choice)
+        try:
+            with _unknown_is_bad_input():
+                result = operations.signal(
+                    engine, workflow_id, name, value, dedupe_key=dedupe_key, source="cli"
+                )
+        finally:
+            engine.dispose()
+    telemetry.signal_recorded(
+        workflow_name=result.workflow_name, classification=result.classification, source="cli"
+    )
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    out = _stdout()
+    where = f" for step {escape(result.step)}" if result.step else ""
+    why = f" ({escape(result.reason)})" if result.reason else ""
+    out.print(f"signal {escape(name)}{where}: {result.classification}{why}")
+    if result.released:
+        out.print("released: " + escape(", ".join(result.released)))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from ledger import tables as t
 from streamflow import Workflow
 from tests import engine_app as app
 from tests.integration.processes import ROOT, wait_for
-from tests.integration.test_engine import Cluster, ctx
+from tests.integration.test_engine import Cluster, ctx, finished
 
 pytestmark = pytest.mark.postgres
 
@@ -168,3 +169,69 @@ def test_the_callback_runs_exactly_once_even_when_its_ready_message_is_replayed(
         assert cb.result == {"notified": "completed", "to": f"t{i}"}
         assert [(a.attempt, a.status) for a in cb.attempts] == [(1, "completed")]
         assert cb.counters["completed"] == 2
+
+
+def test_a_signal_sent_with_the_cli_releases_a_waiting_step_in_the_engine(
+    pg_engine: Engine, cluster: Cluster
+) -> None:
+    wf = (
+        Workflow.new("signal_e2e", ctx(cluster))
+        .add("prepare", app.Echo.new())
+        .add(
+            "approve",
+            app.EchoSignal.new(),
+            deps=["prepare"],
+            await_signal="manager_approval",
+            signal_deadline=timedelta(hours=4),
+        )
+        .add("ship", app.Echo.new(), deps=["approve"])
+    )
+    cluster.consumer()
+    cluster.worker()
+    wid = Workflow.insert(wf, pg_engine).id
+
+    def waiting() -> bool:
+        steps = Workflow.get(pg_engine, wid).steps
+        return steps["prepare"].state.value == "completed" and steps["approve"].await_state == (
+            "waiting"
+        )
+
+    wait_for(waiting, 20, "the await to become active", on_timeout=cluster.outputs)
+    status = cli(cluster, "explain", wid, "approve", "--json")
+    assert json.loads(status.stdout)["blocker_codes"] == ["awaiting_signal"]
+
+    bad = cli(cluster, "signal", wid, "manager_approval", "--payload", "{not json")
+    assert bad.returncode == 2 and "--payload is not valid JSON" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    unknown = cli(cluster, "signal", "f" * 32, "manager_approval")
+    assert unknown.returncode == 2 and "no workflow with id" in unknown.stderr
+
+    payload = '{"approved": true, "by": "ann"}'
+    sent = cli(
+        cluster,
+        "signal",
+        wid,
+        "manager_approval",
+        "--payload",
+        payload,
+        "--dedupe-key",
+        "a-1",
+        "--json",
+    )
+    assert sent.returncode == 0, sent.stderr
+    assert json.loads(sent.stdout)["classification"] == "consumed"
+    finished(pg_engine, cluster, wid)
+    assert Workflow.get(pg_engine, wid).outcome == "completed"
+    [run] = lines(cluster, step="approve", phase="signalled")
+    assert run["signal"] == {"approved": True, "by": "ann"}
+    assert Workflow.results(pg_engine, wid)["approve"] == {
+        "signal": {"approved": True, "by": "ann"}
+    }
+    again = cli(
+        cluster, "signal", wid, "manager_approval", "--payload", payload, "--dedupe-key", "a-1"
+    )
+    assert again.returncode == 0 and "duplicate" in again.stdout
+    assert [s.classification for s in Workflow.signals(pg_engine, wid)] == [
+        "consumed",
+        "duplicate",
+    ]

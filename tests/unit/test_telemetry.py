@@ -410,11 +410,12 @@ def test_allow_list_holds_for_every_event_of_a_real_run(
     fetched = Workflow.results(engine, main_id)["fetch"]
     Workflow.complete_step(engine, main_id, "fetch", status="completed", payload=fetched)
     Workflow.complete_step(engine, main_id, "fetch", status="completed", payload={"x": "p-9"})
+    # A signal nobody awaits: recorded as unmatched; its name and payload stay out.
+    signalled = Workflow.signal(engine, main_id, "sig-name-secret", {"s": "sig-secret-5"})
+    assert signalled.classification == "unmatched"
 
-    # Every event was emitted (signal_recorded only once Workflow.signal exists).
+    # Every event was emitted.
     expected = {e.value for e in Event}
-    if not hasattr(Workflow, "signal"):
-        expected.discard(Event.SIGNAL_RECORDED.value)
     assert recorder.names() == expected
     assert telemetry.violations() == set()
 
@@ -440,7 +441,7 @@ def test_allow_list_holds_for_every_event_of_a_real_run(
 
     # THE ALLOW-LIST: keys from the list (and the event's own), values from closed sets,
     # and nothing that is an id, a step name, args, context or a payload.
-    forbidden = _user_data(engine, wids)
+    forbidden = _user_data(engine, wids) | {"sig-name-secret", "sig-secret-5"}
     assert {"arg-secret-1", "ctx-secret-7", "fetch", "ghost-owner", "p-9", main_id} <= forbidden
     for event, measurements, metadata in recorder.events:
         spec = EVENTS[Event(event)]
