@@ -453,15 +453,11 @@ def undispatch_all_callbacks(conn: Connection) -> list[ReadyStep]:
     """After Redis lost its data: every dispatched, available callback is sent again."""
     c = t.callbacks
     rows = conn.execute(
-        select(c.c.workflow_id, c.c.queue, c.c.priority).where(
-            c.c.state == StepState.AVAILABLE.value, c.c.dispatched_at.is_not(None)
-        )
-    ).all()
-    conn.execute(
         update(c)
         .where(c.c.state == StepState.AVAILABLE.value, c.c.dispatched_at.is_not(None))
         .values(dispatched_at=None)
-    )
+        .returning(c.c.workflow_id, c.c.queue, c.c.priority)
+    ).all()
     return [
         ReadyStep(r.workflow_id, CALLBACK_STEP, r.queue, r.priority, CALLBACK_JOB) for r in rows
     ]

@@ -22,6 +22,18 @@ from ledger.rules import ClaimVerdict, StepState, classify_claim
 from ledger.steps import step_not_found
 from ledger.transitions import Changes, apply_changes, set_step_if
 
+#: A message is stale when published this much before its step's latest offer; the
+#: margin absorbs clock differences between the hosts that release and dispatch.
+STALE_MARGIN = timedelta(milliseconds=500)
+
+
+def _stale(
+    message_at: datetime | None, available_at: datetime | None, dispatched_at: datetime | None
+) -> bool:
+    offers = [t for t in (available_at, dispatched_at) if t is not None]
+    return message_at is not None and bool(offers) and message_at < max(offers) - STALE_MARGIN
+
+
 #: How a ready message that cannot claim its step is kept as evidence.
 _DELIVERY_EVIDENCE = {
     ClaimVerdict.DUPLICATE: "duplicate",
@@ -79,7 +91,15 @@ def claim_step(
     lease_seconds: float,
     now: datetime,
     source: str = "worker",
+    message_at: datetime | None = None,
 ) -> Claim | ClaimRefused:
+    """Claim `step` for one attempt, or refuse (and record) a delivery that cannot.
+
+    `message_at` is when the ready message was published. A message older than the
+    step's latest offer (its release or dispatch) comes from an earlier dispatch —
+    delayed or replayed. It still claims the step, which must run, but is kept as
+    `replayed` evidence so the stale message is not invisible.
+    """
     wf = lock_workflow(conn, workflow_id)
     s = t.steps
     row = (
@@ -105,6 +125,19 @@ def claim_step(
             reason=f"step_{state.value}",
         )
         return ClaimRefused(workflow_id, step, verdict, state)
+
+    if _stale(message_at, row["available_at"], row["dispatched_at"]):
+        record_evidence(
+            conn,
+            workflow_id=workflow_id,
+            step=step,
+            kind="delivery",
+            classification="replayed",
+            source=source,
+            now=now,
+            attempt=row["attempt"],
+            reason="stale_message_claimed",
+        )
 
     attempt = row["attempt"] + 1
     expires = now + timedelta(seconds=lease_seconds)

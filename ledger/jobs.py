@@ -36,10 +36,22 @@ def claim_job(
     owner: str,
     lease_seconds: float,
     now: datetime,
+    message_at: datetime | None = None,
 ) -> Claim | ClaimRefused:
     _check(job)
-    claim = claim_callback if job == CALLBACK_JOB else claim_step
-    return claim(conn, workflow_id, step, owner=owner, lease_seconds=lease_seconds, now=now)
+    if job == CALLBACK_JOB:
+        return claim_callback(
+            conn, workflow_id, step, owner=owner, lease_seconds=lease_seconds, now=now
+        )
+    return claim_step(
+        conn,
+        workflow_id,
+        step,
+        owner=owner,
+        lease_seconds=lease_seconds,
+        now=now,
+        message_at=message_at,
+    )
 
 
 def complete_job(

@@ -242,16 +242,14 @@ def undispatch_all_available(conn: Connection) -> list[ReadyStep]:
     """After Redis lost its data every ready message is gone: mark every available step
     undispatched so the dispatcher sends it again. Returns the steps, for the record."""
     s = t.steps
+    # One UPDATE ... RETURNING: exactly the steps this statement undispatched are
+    # reported (and get recovery rows), even if a dispatcher marks others meanwhile.
     rows = conn.execute(
-        select(s.c.workflow_id, s.c.name, s.c.queue, s.c.priority).where(
-            s.c.state == StepState.AVAILABLE.value, s.c.dispatched_at.is_not(None)
-        )
-    ).all()
-    conn.execute(
         update(s)
         .where(s.c.state == StepState.AVAILABLE.value, s.c.dispatched_at.is_not(None))
         .values(dispatched_at=None)
-    )
+        .returning(s.c.workflow_id, s.c.name, s.c.queue, s.c.priority)
+    ).all()
     steps = [ReadyStep(r.workflow_id, r.name, r.queue, r.priority) for r in rows]
     return steps + undispatch_all_callbacks(conn)
 

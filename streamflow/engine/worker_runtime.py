@@ -16,7 +16,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -245,6 +245,7 @@ class WorkerRuntime:
                     owner=cfg.name,
                     lease_seconds=cfg.lease_seconds,
                     now=utcnow(),
+                    message_at=datetime.fromtimestamp(msg.at_ms / 1000, UTC),
                 ),
             )
         except LedgerError as exc:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, update
 
+from ledger import tables as t
 from ledger.claims import Claim, ClaimRefused, claim_step, release_claim, renew_lease
 from ledger.db import transaction
 from ledger.operations import complete
@@ -118,3 +119,56 @@ def test_claiming_an_unknown_step_raises(engine: Engine) -> None:
     wid = Workflow.insert(two_steps(), engine).id
     with pytest.raises(StepNotFoundError):
         claim(engine, wid, "zzz")
+
+
+def test_a_stale_ready_message_that_claims_is_kept_as_evidence(engine: Engine) -> None:
+    # Found by the chaos suite: a ready message from an earlier dispatch (delayed or
+    # replayed) that arrives when its step is available again claims it — correctly, the
+    # step must run — but used to leave no trace of the stale message.
+    wid = Workflow.insert(two_steps(), engine).id
+    first_dispatch = NOW - timedelta(seconds=60)
+    complete(engine, wid, "a", "retryable", {"e": 1}, now=first_dispatch, retry_at=first_dispatch)
+    with engine.begin() as conn:  # the retry was promoted and dispatched again just now
+        conn.execute(
+            update(t.steps)
+            .where(t.steps.c.workflow_id == wid, t.steps.c.name == "a")
+            .values(state="available", available_at=NOW, dispatched_at=NOW, scheduled_at=None)
+        )
+        conn.execute(
+            update(t.workflows)
+            .where(t.workflows.c.id == wid)
+            .values(retryable_count=0, available_count=1)
+        )
+    with transaction(engine) as conn:
+        c = claim_step(
+            conn, wid, "a", owner="w1", lease_seconds=30, now=NOW, message_at=first_dispatch
+        )
+    assert isinstance(c, Claim) and c.attempt == 2
+    assert evidence(engine, wid)[-1] == {
+        "step": "a",
+        "classification": "replayed",
+        "status": None,
+        "reason": "stale_message_claimed",
+    }
+
+
+def test_a_current_ready_message_leaves_no_evidence(engine: Engine) -> None:
+    wid = Workflow.insert(two_steps(), engine).id
+    with engine.begin() as conn:
+        conn.execute(
+            update(t.steps)
+            .where(t.steps.c.workflow_id == wid)
+            .values(available_at=NOW, dispatched_at=NOW)
+        )
+    with transaction(engine) as conn:
+        c = claim_step(
+            conn,
+            wid,
+            "a",
+            owner="w1",
+            lease_seconds=30,
+            now=NOW + timedelta(seconds=1),
+            message_at=NOW,
+        )
+    assert isinstance(c, Claim)
+    assert evidence(engine, wid) == []
