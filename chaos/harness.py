@@ -956,6 +956,7 @@ def check(
         replays_not_sent=summary.replays_not_sent,
         process_faults=chaos.process_faults,
         repairs=dict(sorted(snap.repair_counts().items())),
+        pass_repairs=dict(sorted(snap.pass_repairs.items())),
         evidence=dict(sorted(snap.evidence_counts().items())),
         matching=matching,
         invariants=invariants,

@@ -113,6 +113,9 @@ class LedgerSnapshot:
     evidence: list[EvidenceRow] = field(default_factory=list)
     recoveries: list[RecoveryRow] = field(default_factory=list)
     passes: int = 0
+    #: Repairs per kind as the reconciler's pass summaries counted them (a streams reset
+    #: counts there even when no step needed dispatching again, unlike recovery rows).
+    pass_repairs: Counter[str] = field(default_factory=Counter)
 
     @classmethod
     def collect(cls, engine: Engine, *, full: bool = True) -> LedgerSnapshot:
@@ -170,7 +173,11 @@ class LedgerSnapshot:
                 snap.results[(x.workflow_id, x.step)] = (x.attempt, x.payload)
             snap.result_rows = int(conn.execute(select(func.count()).select_from(rs)).scalar_one())
             p = t.reconciler_passes
-            snap.passes = int(conn.execute(select(func.count()).select_from(p)).scalar_one())
+            for summary in conn.execute(select(p.c.summary)).scalars():
+                snap.passes += 1
+                repairs = summary.get("repairs") if isinstance(summary, dict) else None
+                if isinstance(repairs, dict):
+                    snap.pass_repairs.update({str(k): int(v) for k, v in repairs.items()})
         return snap
 
     # -- summaries ---------------------------------------------------------------------

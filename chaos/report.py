@@ -49,6 +49,8 @@ class Report:
     replays_not_sent: int
     process_faults: list[ProcessFault]
     repairs: dict[str, int]
+    #: Repairs per kind as the reconciler's pass summaries counted them.
+    pass_repairs: dict[str, int]
     evidence: dict[str, int]
     matching: FaultMatching
     invariants: list[InvariantResult]
@@ -77,6 +79,7 @@ class Report:
             "replays_not_sent": self.replays_not_sent,
             "process_faults": [asdict(p) for p in self.process_faults],
             "repairs": self.repairs,
+            "pass_repairs": self.pass_repairs,
             "evidence": self.evidence,
             "matching": self.matching.to_dict(),
             "invariants": [i.to_dict() for i in self.invariants],
@@ -128,8 +131,11 @@ def _render(r: Report) -> list[str]:
     if r.process_faults:
         lines += ["", "process faults"]
         lines += [f"  {p.kind:<14} at {p.progress:>4.0%}  {p.detail}" for p in r.process_faults]
-    lines += ["", "repairs made (streamflow_recoveries)"]
-    lines += _table([(k, str(v)) for k, v in r.repairs.items()])
+    lines += ["", "repairs made (streamflow_recoveries rows; reconciler pass summaries)"]
+    kinds = sorted(set(r.repairs) | set(r.pass_repairs))
+    lines += _table(
+        [(k, str(r.repairs.get(k, 0)), f"{r.pass_repairs.get(k, 0)} in passes") for k in kinds]
+    )
     lines += ["", "evidence rows (streamflow_evidence, kind/classification)"]
     lines += _table([(k, str(v)) for k, v in r.evidence.items()])
     m = r.matching

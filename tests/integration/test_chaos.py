@@ -130,8 +130,9 @@ def test_redis_killed_and_restarted_empty_everything_completes(
 ) -> None:
     report = run(replace(BASE, scenario="ci-flush-redis", flush_redis=True), reference, tmp_path)
     assert [p.kind for p in report.process_faults] == ["flush-redis"]
-    # The reconciler noticed Redis came back empty and re-drove from the ledger.
-    assert report.repairs.get("streams_reset", 0) >= 1
+    # The reconciler noticed Redis came back empty (its epoch marker gone) and re-drove
+    # from the ledger; a recovery row exists only for steps that then needed dispatching.
+    assert report.pass_repairs.get("streams_reset", 0) >= 1
 
 
 @pytest.mark.timeout(300)
@@ -179,11 +180,13 @@ def test_a_replayed_ready_message_that_claims_its_step_is_visible(
     services: None, tmp_path: Path
 ) -> None:
     """One workflow whose step `flaky` fails its first attempt. Its first ready message is
-    replayed 1.5 s later, and the ready message of its retry (dispatched about 1 s after
-    the first, when the backoff is up) is dropped. The replayed copy arrives while the step
-    is available again and claims attempt 2: correct, but the ledger records nothing about
-    it, and since the step got claimed the reconciler never re-dispatches, so the dropped
-    message leaves no recovery row either. Two faults, no trace.
+    replayed 2.5 s later, and the ready message of its retry (dispatched 1.0-1.6 s after
+    the first, when the 1 s +-20% backoff is up) is dropped. The replayed copy arrives
+    while the step is available again, before the 2 s re-dispatch deadline, and claims
+    attempt 2: correct, but the ledger records nothing about it, and since the step got
+    claimed the reconciler never re-dispatches, so the dropped message leaves no recovery
+    row either. The dropped message of `flaky` stays unmatched (and the replay too, unless
+    some other delivery row for the step is there to pair it with).
 
     No extra reconciler (dropped_after=None), so every root and retry dispatch comes from
     the one consumer process whose message counts the script refers to.
@@ -194,7 +197,7 @@ def test_a_replayed_ready_message_that_claims_its_step_is_visible(
         workflows=1,
         shapes=("retry",),
         script={"ready:flaky#1": "replay", "ready:flaky#2": "drop"},
-        replay_after_ms=(1500, 1500),
+        replay_after_ms=(2500, 2500),
         dropped_after=None,
         settle=8.0,
         workdir=str(tmp_path),
@@ -202,7 +205,8 @@ def test_a_replayed_ready_message_that_claims_its_step_is_visible(
     report = run_chaos(options)
     failed = {i.name for i in report.failed}
     unmatched = {(m.stream, m.kind) for m in report.matching.lines if m.unmatched}
-    if failed == {"faults_visible"} and unmatched == {("ready", "drop"), ("ready", "replay")}:
+    gap = {("ready", "drop"), ("ready", "replay")}
+    if failed == {"faults_visible"} and ("ready", "drop") in unmatched and unmatched <= gap:
         raise GapReproduced("\n" + report.render())
     assert report.passed, "\n" + report.render()
 
