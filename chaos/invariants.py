@@ -39,6 +39,9 @@ COUNTERS = ("pending", "available", "executing", "retryable", "completed", "fail
 READY_REPAIRS = frozenset({"redispatch", "streams_reset", "pending_entry"})
 #: Delivery evidence a repeated ready message leaves when it cannot claim its step.
 DELIVERY_REPEATS = frozenset({"duplicate", "late", "replayed", "dead_letter"})
+#: Why a delivery row says a stale ready message (from an earlier dispatch) claimed its
+#: step: the dispatch it overtook was not needed, so a lost one leaves no recovery row.
+STALE_CLAIM = "stale_message_claimed"
 #: Event evidence for a completion event that arrived (dead-lettered ones too: a consumer
 #: saw them, and the dead-letter row keeps the entry).
 EVENT_ARRIVALS = frozenset({"consumed", "duplicate", "late", "unmatched", "dead_letter"})
@@ -91,6 +94,7 @@ class EvidenceRow:
     step: str | None
     dedupe_key: str | None
     created_at: float
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,12 +131,12 @@ class LedgerSnapshot:
                 EvidenceRow(
                     r.kind, r.classification, r.workflow_id, r.step,
                     r.dedupe_key or _dead_letter_key(r.classification, r.payload),
-                    r.created_at.timestamp(),
+                    r.created_at.timestamp(), r.reason,
                 )
                 for r in conn.execute(
                     select(
                         e.c.kind, e.c.classification, e.c.workflow_id, e.c.step,
-                        e.c.dedupe_key, e.c.created_at, e.c.payload,
+                        e.c.dedupe_key, e.c.created_at, e.c.payload, e.c.reason,
                     ).order_by(e.c.id)
                 )
             ]  # fmt: skip
@@ -603,7 +607,10 @@ def match_faults(
     Ready messages (identity: workflow id and step), counted per step since a step may
     be dispatched several times:
       drop, or a delay never released  <-> a redispatch/streams_reset/pending_entry
-                                            recovery row for the step
+                                            recovery row for the step, or, when an older
+                                            message claimed the step first so nothing
+                                            had to be sent again, the delivery row that
+                                            records that stale claim
       duplicate, replay                 <-> a delivery evidence row for the step
       delay (released), reorder         <-> the step claimed (a perform started) or a
                                             delivery/recovery row, after the fault
@@ -705,16 +712,23 @@ def match_faults(
                     m.matched += 1
                     continue
             leftovers.append(f)
+        stale = sorted(e.created_at for e in step_dels if e.reason == STALE_CLAIM)
         for f in leftovers:
             m = line(f)
-            if went_down_with_redis(f):
+            overtaken = [ts for ts in stale if ts >= f.t - TOLERANCE_S]
+            if f.kind in ("drop", "delay_unreleased") and overtaken:
+                # A stale message claimed the step before anyone had to send it again.
+                stale.remove(overtaken[0])
+                m.matched += 1
+                m.notes["overtaken by a stale message that claimed the step (on record)"] += 1
+            elif went_down_with_redis(f):
                 m.matched += 1
                 m.notes["still in Redis when it was killed"] += 1
             else:
                 hint = ""
                 if performs.started_since(k[0], k[1], f.t):
                     # What the known stale-ready gap looks like (docs/chaos.md).
-                    hint = "; the step was claimed after it, possibly by a stale copy"
+                    hint = "; the step was claimed after it, and no row says by what"
                 m.unmatched.append(
                     f"{f.fault_id} {k[0]} {k[1]} (at {f.t:.3f}): "
                     f"{len(step_recs)} ready recoveries, {len(step_dels)} delivery rows "
