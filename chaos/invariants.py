@@ -686,7 +686,10 @@ def match_faults(
         step_dels = deliveries.get(k, [])
         free_recs, free_dels = len(step_recs), len(step_dels)
         leftovers: list[Fault] = []
-        for f in sorted(faults, key=lambda f: (_ORDER.index(f.kind), f.t)):
+        # Rows go first to faults whose copies did not go down with Redis: those that did
+        # are accounted for without a row.
+        order = sorted(faults, key=lambda f: (went_down_with_redis(f), _ORDER.index(f.kind), f.t))
+        for f in order:
             m = line(f)
             m.injected += 1
             if f.kind in ("drop", "delay_unreleased"):
