@@ -295,6 +295,8 @@ class FaultyTransport:
 
     def __getattr__(self, name: str) -> Any:
         # Anything beyond the Protocol (e.g. RedisTransport.client) comes from the real one.
+        if name == "inner":  # not set yet: __init__ failed early
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     # -- deciding ------------------------------------------------------------------------

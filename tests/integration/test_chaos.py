@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -233,3 +234,54 @@ def test_streams_reset_records_every_step_it_undispatches(pg_engine: Engine) -> 
     # Every step the reset undispatched is returned, to get its recovery row.
     assert before in returned
     assert returned == undispatched
+
+
+def test_the_fault_transport_does_and_logs_what_its_plan_says(tmp_path: Path) -> None:
+    """The seam's wrapper on its own, on fakeredis: scripted fates happen, and each is
+    logged with the message's identity once it took effect."""
+    import fakeredis
+
+    from chaos.faults import FaultPlan, FaultyTransport, read_fault_log
+    from streamflow.streams.transport import RedisTransport
+
+    log = tmp_path / "faults.jsonl"
+    plan = FaultPlan(
+        seed=1,
+        log=str(log),
+        label="test",
+        script={"ready:a#1": "drop", "ready:b#1": "duplicate", "completion:c#1": "replay"},
+        replay_after_ms=(0, 0),
+    )
+    assert FaultPlan.from_json(plan.to_json()) == plan
+    client = fakeredis.FakeRedis(decode_responses=True)
+    faulty = FaultyTransport.from_plan(RedisTransport(client), plan.to_json())
+
+    def ready(step: str) -> dict[str, str]:
+        return {"v": "1", "kind": "ready", "workflow_id": "w", "step": step, "queue": "q",
+                "at_ms": "1"}  # fmt: skip
+
+    faulty.add_many([("{p}:ready:q", ready("a")), ("{p}:ready:q", ready("b"))])
+    completion = {"v": "1", "kind": "completion", "workflow_id": "w", "step": "c",
+                  "status": "completed", "attempt": "1", "key": "w:c:1:completed",
+                  "at_ms": "1"}  # fmt: skip
+    faulty.add("{p}:completions", completion)
+
+    def logged() -> list[tuple[str, str, str]]:
+        return sorted((x["kind"], x["phase"], x["step"]) for x in read_fault_log(log))
+
+    deadline = time.monotonic() + 10
+    while ("replay", "injected", "c") not in logged() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ready_entries = client.xrange("{p}:ready:q") or []
+    assert [fields["step"] for _, fields in ready_entries if fields] == ["b", "b"]
+    assert len(client.xrange("{p}:completions") or []) == 2
+    assert logged() == [
+        ("drop", "injected", "a"),
+        ("duplicate", "injected", "b"),
+        ("replay", "injected", "c"),
+        ("replay", "scheduled", "c"),
+    ]
+    keys = {x.get("key") for x in read_fault_log(log) if x["stream"] == "completion"}
+    assert keys == {"w:c:1:completed"}
+    faulty.log.close()
+    client.close()
