@@ -174,7 +174,7 @@ def list_workflows(
 
 
 def label_counts(conn: Connection, workflow_ids: list[str]) -> dict[str, dict[str, int]]:
-    """`{workflow_id: {label: steps}}` for the given workflows, with three queries.
+    """`{workflow_id: {label: steps}}` for the given workflows, with four queries.
 
     Each step is labelled by `ledger.blockers.diagnose`, the function `explain` and
     `status` use, so the counts agree with what they show step by step.
@@ -212,8 +212,21 @@ def label_counts(conn: Connection, workflow_ids: list[str]) -> dict[str, dict[st
             select(r.c.workflow_id, r.c.step).where(r.c.workflow_id.in_(workflow_ids))
         )
     }
+    # Steps still waiting for their signal, and whether that wait is active yet.
+    a = t.awaits
+    awaiting: dict[tuple[str, str], tuple[str, bool]] = {
+        (row.workflow_id, row.step): (row.signal, row.state == "waiting")
+        for row in conn.execute(
+            select(a.c.workflow_id, a.c.step, a.c.signal, a.c.state).where(
+                a.c.workflow_id.in_(workflow_ids),
+                a.c.state.in_(("pending", "waiting")),
+                a.c.signal_id.is_(None),
+            )
+        )
+    }
     counts: dict[str, Counter[Label]] = {wid: Counter() for wid in workflow_ids}
     for (wid, name), row in steps.items():
+        signal, active = awaiting.get((wid, name), (None, False))
         facts = StepFacts(
             state=StepState(row["state"]),
             needs_review=row["needs_review"],
@@ -228,6 +241,8 @@ def label_counts(conn: Connection, workflow_ids: list[str]) -> dict[str, dict[st
                 for parent, policy in deps.get((wid, name), [])
             ],
             referenced=frozenset(referenced_steps(row["args"])),
+            awaiting_signal=signal,
+            await_active=active,
         )
         counts[wid][diagnose(facts).label] += 1
     return {

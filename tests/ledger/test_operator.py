@@ -146,6 +146,22 @@ def test_list_labels_a_release_the_ledger_did_not_apply_as_blocked(engine: Engin
     assert row.labels == {"Blocked": 1, "Done": 1}
 
 
+def test_list_labels_a_step_waiting_for_its_signal_as_waiting(engine: Engine) -> None:
+    # Its dependencies are done but its signal has not arrived: that is Waiting (as
+    # `explain` and `status` say), not a release the ledger failed to apply.
+    wf = (
+        Workflow.new("approval")
+        .add("a", Noop.new())
+        .add("approve", Noop.new(), deps=["a"], await_signal="manager_approval")
+    )
+    wid = insert_at(engine, wf, T0)
+    report(engine, wid, "a", "completed")
+    assert states(engine, wid)["approve"] == "pending"
+    with read(engine) as conn:
+        [row] = list_workflows(conn, now=at(60))
+    assert row.labels == {"Waiting": 1, "Done": 1}
+
+
 @pytest.mark.parametrize(
     ("kw", "message"),
     [
