@@ -12,7 +12,6 @@ Every change takes the workflow lock first, like every step transition.
 
 from __future__ import annotations
 
-import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,7 +27,6 @@ from ledger.jsonsafe import json_problems
 from ledger.model import CALLBACK_JOB, CALLBACK_STEP, CompletionResult, ReadyStep
 from ledger.recoveries import record_recovery
 from ledger.rules import (
-    TERMINAL_STATES,
     ClaimVerdict,
     Classification,
     CompletionStatus,
@@ -37,10 +35,8 @@ from ledger.rules import (
     StepState,
     classify_claim,
     classify_completion,
-    retry_delay_seconds,
-    state_for_status,
 )
-from ledger.transitions import parse_status
+from ledger.transitions import outcome_values, parse_status
 
 _REJECTIONS = {
     "attempt_not_started": "the callback has not started attempt {attempt} (its latest is "
@@ -286,23 +282,9 @@ def complete_callback(
             recorded_at=now,
         )
     )
-    new_state = state_for_status(recorded)
-    values: dict[str, Any] = {
-        "state": new_state.value,
-        "attempt": decision.record_attempt,
-        "updated_at": now,
-        "lease_owner": None,
-        "lease_expires_at": None,
-    }
-    if new_state in TERMINAL_STATES:
-        values.update(
-            terminal_cause=decision.reason or recorded.value, finished_at=now, scheduled_at=None
-        )
-        if recorded is CompletionStatus.COMPLETED:
-            values["result"] = payload
-    else:
-        delay = retry_delay_seconds(decision.record_attempt, unit_random=random.random())
-        values.update(scheduled_at=retry_at or now + timedelta(seconds=delay))
+    values = outcome_values(decision, now, retry_at)
+    if recorded is CompletionStatus.COMPLETED:
+        values["result"] = payload
     _set_if(conn, workflow_id, state, values)
     return CompletionResult(
         workflow_id=workflow_id,

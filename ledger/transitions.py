@@ -23,6 +23,7 @@ from ledger.rules import (
     AwaitState,
     ChildDecision,
     Classification,
+    CompletionDecision,
     CompletionStatus,
     DependencyView,
     EdgePolicy,
@@ -175,20 +176,7 @@ def complete_step(
         )
 
     new_state = state_for_status(recorded)
-    values: dict[str, Any] = {
-        "state": new_state.value,
-        "attempt": decision.record_attempt,
-        "updated_at": now,
-        "lease_owner": None,
-        "lease_expires_at": None,
-    }
-    if new_state in TERMINAL_STATES:
-        values.update(
-            terminal_cause=decision.reason or recorded.value, finished_at=now, scheduled_at=None
-        )
-    else:
-        delay = retry_delay_seconds(decision.record_attempt, unit_random=random.random())
-        values.update(scheduled_at=retry_at or now + timedelta(seconds=delay))
+    values = outcome_values(decision, now, retry_at)
     set_step_if(conn, workflow_id, step, state, values)
     changes.move(state, new_state)
 
@@ -250,6 +238,31 @@ def _dispatch_update(r: ReadyStep) -> Any:
         s.c.name == r.step,
         s.c.state == StepState.AVAILABLE.value,
     )
+
+
+def outcome_values(
+    decision: CompletionDecision, now: datetime, retry_at: datetime | None
+) -> dict[str, Any]:
+    """The row values an applied outcome sets on its job (a step or a callback): the new
+    state and attempt, the lease given up, and either the terminal cause or the retry
+    time (exponential backoff with jitter unless `retry_at` says otherwise)."""
+    recorded = decision.status
+    new_state = state_for_status(recorded)
+    values: dict[str, Any] = {
+        "state": new_state.value,
+        "attempt": decision.record_attempt,
+        "updated_at": now,
+        "lease_owner": None,
+        "lease_expires_at": None,
+    }
+    if new_state in TERMINAL_STATES:
+        values.update(
+            terminal_cause=decision.reason or recorded.value, finished_at=now, scheduled_at=None
+        )
+    else:
+        delay = retry_delay_seconds(decision.record_attempt, unit_random=random.random())
+        values.update(scheduled_at=retry_at or now + timedelta(seconds=delay))
+    return values
 
 
 def reconcile_descendants(
