@@ -32,6 +32,7 @@ from streamflow import telemetry
 from streamflow.engine.common import in_transaction, now_ms, ready_messages, utcnow
 from streamflow.engine.context import Cancel, StepContext
 from streamflow.engine.deadletter import dead_letter
+from streamflow.engine.group_commit import GroupCommitter
 from streamflow.engine.loader import WorkerNotFoundError, load_worker
 from streamflow.engine.retrying import is_transient, retrying
 from streamflow.logs import log_event
@@ -93,6 +94,8 @@ class WorkerRuntime:
         self.keys = keys
         self.config = config
         self.publisher = Publisher(transport, keys)
+        # Claims and outcomes of steps running at the same moment share commits.
+        self.ledger = GroupCommitter(engine)
         self.streams = keys.ready_streams(list(config.queues))
         self.stats = WorkerStats()
         self._running: dict[tuple[str, str, str], _Running] = {}
@@ -146,7 +149,14 @@ class WorkerRuntime:
             for entry in entries:
                 self._start_handler(entry)
         self._drain()
-        log_event("worker.stopped", worker=cfg.name, **vars(self.stats))
+        grouped = self.ledger.stats
+        log_event(
+            "worker.stopped",
+            worker=cfg.name,
+            **vars(self.stats),
+            ledger_operations=grouped.operations,
+            ledger_commits=grouped.commits,
+        )
 
     def _drain_free_slots(self) -> int:
         """Take every other free slot too, so one XREADGROUP can fill them all."""
@@ -235,8 +245,7 @@ class WorkerRuntime:
             return
         cfg = self.config
         try:
-            claim = in_transaction(
-                self.engine,
+            claim = self.ledger.run(
                 lambda conn: claim_job(
                     conn,
                     msg.job,
@@ -247,6 +256,7 @@ class WorkerRuntime:
                     now=utcnow(),
                     message_at=datetime.fromtimestamp(msg.at_ms / 1000, UTC),
                 ),
+                order_key=msg.workflow_id,
             )
         except LedgerError as exc:
             self._ack(entry)
@@ -377,13 +387,14 @@ class WorkerRuntime:
                 dispatch=True,
             )
 
+        key = claim.workflow_id
         try:
-            result = in_transaction(self.engine, lambda conn: record(conn, status, payload))
+            result = self.ledger.run(lambda conn: record(conn, status, payload), order_key=key)
         except InvalidCompletionError as exc:
             # The result cannot be stored (not plain JSON): a bug that retrying will not
             # fix, recorded as a failure the operator can read.
             problem = {"error": f"the step's result could not be stored: {exc}"}
-            result = in_transaction(self.engine, lambda conn: record(conn, "failed", problem))
+            result = self.ledger.run(lambda conn: record(conn, "failed", problem), order_key=key)
         # The outcome is in the ledger: the heartbeat must not mistake the lease it just
         # gave up for a lost one.
         running.done.set()
