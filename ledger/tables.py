@@ -119,6 +119,10 @@ workflows = Table(
     ),
     Index(None, "state", "created_at"),
     Index(None, "name", "created_at"),
+    # `streamflow prune` takes the oldest finished workflows first (ledger.prune).
+    _partial_index(
+        "ix_streamflow_workflows_finished_at", "finished_at", where="state = 'finished'"
+    ),
 )
 
 steps = Table(
@@ -322,6 +326,12 @@ callbacks = Table(
     ),
     _partial_index(
         "ix_streamflow_callbacks_lease_expiry", "lease_expires_at", where="state = 'executing'"
+    ),
+    # Pruning skips workflows whose callback may still run (ledger.prune).
+    _partial_index(
+        "ix_streamflow_callbacks_live",
+        "workflow_id",
+        where="state IN ('available', 'executing', 'retryable')",
     ),
 )
 
