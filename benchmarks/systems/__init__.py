@@ -1,0 +1,1 @@
+"""The systems the suite runs the workloads on: Streamflow and its peers."""
