@@ -172,7 +172,7 @@ def measure(system: System, workload: Workload, run_dir: Path) -> RunFigures:
     groups = {"system": system.pids}
     if sampler_pg is not None and database is not None:
         groups["postgres"] = lambda: sampler_pg.backend_pids(database)
-    if ctx.redis.pid is not None:
+    if ctx.redis.pid is not None and system.redis_db is not None:
         redis_pid = ctx.redis.pid
         groups["redis"] = lambda: [redis_pid]
     started = False
