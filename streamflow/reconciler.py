@@ -2,8 +2,10 @@
 
 A pass, in order:
 
-1. streams — if Redis lost its data (the epoch marker is gone), recreate the groups and
-   re-dispatch every available step from the ledger;
+1. streams — if Redis lost the data of any partition (its epoch marker is gone: the
+   server or the Cluster shard holding it restarted empty, or the partition count
+   changed and its streams are new), recreate the groups and re-dispatch every available
+   step from the ledger;
 2. leases — executing steps whose lease expired go back to retryable (or failed, by the
    attempt budget), the rescue Oban calls Lifeline; `on_finish` callbacks likewise;
 3. awaits and retries — a step whose signal did not arrive by its deadline fails (and
@@ -267,18 +269,30 @@ class Reconciler:
         return changed
 
     def _check_streams(self, pass_id: int, first: bool) -> int:
-        """Recreate groups; if Redis lost its data, re-dispatch everything available."""
+        """Recreate groups; if a partition lost its data, re-dispatch everything available.
+
+        One epoch marker per partition, because on a Redis Cluster a shard can restart
+        empty while the others keep theirs. The re-dispatch is not narrowed to the lost
+        partition's workflows: a step whose message survived elsewhere gets a duplicate,
+        which its claim refuses and records — cheaper than hashing every id in SQL.
+        """
         assert self.transport is not None
         transport = self.transport
-        fresh = retrying(lambda: transport.claim_marker(self.keys.epoch, self.host))
+        keys = self.keys
+        fresh = [
+            p
+            for p in keys.partition_ids
+            if retrying(partial(transport.claim_marker, keys.epoch_key(p), self.host))
+        ]
         queues = in_transaction(self.engine, live_queues)
-        retrying(lambda: transport.ensure_group(self.keys.completions, self.keys.completion_group))
-        for queue in queues:
-            retrying(
-                partial(transport.ensure_group, self.keys.ready(queue), self.keys.workers_group)
-            )
+        for stream in keys.all_completions():
+            retrying(partial(transport.ensure_group, stream, keys.completion_group))
+        for stream in keys.ready_streams(queues):
+            retrying(partial(transport.ensure_group, stream, keys.workers_group))
         if not fresh or first:
             return 0
+
+        lost = ",".join(map(str, fresh))
 
         def reset(conn: Connection) -> list[ReadyStep]:
             steps = undispatch_all_available(conn)
@@ -288,15 +302,17 @@ class Reconciler:
                     workflow_id=r.workflow_id,
                     step=r.step,
                     repair="streams_reset",
-                    reason="Redis lost its data (the epoch marker was gone): dispatching "
-                    "again from the ledger",
+                    reason=f"Redis lost the data of stream partition(s) {lost} (their epoch "
+                    "markers were gone): dispatching again from the ledger",
                     now=utcnow(),
                     pass_id=pass_id,
                 )
             return steps
 
         steps = in_transaction(self.engine, reset)
-        log_event("reconciler.streams_reset", logging.WARNING, redispatch=len(steps))
+        log_event(
+            "reconciler.streams_reset", logging.WARNING, redispatch=len(steps), partitions=fresh
+        )
         return max(1, len(steps))
 
     def _pending_entries(self, pass_id: int) -> int:
@@ -317,8 +333,7 @@ class Reconciler:
         consumer.take_over_idle()
         handled += consumer.stats.consumed + consumer.stats.dead_lettered - before
         queues = in_transaction(self.engine, live_queues)
-        for queue in queues:
-            stream = self.keys.ready(queue)
+        for stream in self.keys.ready_streams(queues):
             result = self.transport.autoclaim(
                 stream, self.keys.workers_group, name, cfg.pending_idle_ms, cfg.batch
             )

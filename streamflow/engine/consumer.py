@@ -5,12 +5,17 @@ children it dispatched, and only then acknowledges: an event is never lost betwe
 stream and the ledger. Entries a dead consumer left pending are taken over after an idle
 time; one delivered too often goes to the dead-letter stream, recorded, not retried
 forever.
+
+With N stream partitions every consumer reads every partition's completion stream in
+the one group: Redis hands each entry to one member, so adding a consumer process
+spreads the events with no assignment of partitions of our own.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
 
@@ -67,9 +72,15 @@ class CompletionConsumer:
         self.stats = ConsumerStats()
 
     def run(self, stop: threading.Event) -> None:
-        stream, group = self.keys.completions, self.keys.completion_group
-        retrying(partial(self.transport.ensure_group, stream, group))
-        log_event("consumer.started", consumer=self.config.name, stream=stream)
+        streams, group = self.keys.all_completions(), self.keys.completion_group
+        for stream in streams:
+            retrying(partial(self.transport.ensure_group, stream, group))
+        log_event(
+            "consumer.started",
+            consumer=self.config.name,
+            stream=streams[0],
+            partitions=self.keys.partitions,
+        )
         next_takeover = 0.0
         while not stop.is_set():
             try:
@@ -77,7 +88,7 @@ class CompletionConsumer:
                     self.take_over_idle()
                     next_takeover = utcnow().timestamp() + self.config.claim_idle_ms / 2000
                 entries = self.transport.read_group(
-                    group, self.config.name, [stream], self.config.batch, self.config.block_ms
+                    group, self.config.name, streams, self.config.batch, self.config.block_ms
                 )
                 if entries:
                     # Unacknowledged entries of a failed batch stay pending on this
@@ -96,16 +107,17 @@ class CompletionConsumer:
         log_event("consumer.stopped", consumer=self.config.name, **vars(self.stats))
 
     def take_over_idle(self) -> None:
-        stream, group = self.keys.completions, self.keys.completion_group
-        result = self.transport.autoclaim(
-            stream, group, self.config.name, self.config.claim_idle_ms, self.config.batch
-        )
+        group = self.keys.completion_group
         keep: list[Entry] = []
-        for claimed in result.claimed:
-            if claimed.deliveries > self.config.max_deliveries:
-                self._dead_letter(claimed.entry, "delivered too many times", claimed.deliveries)
-            else:
-                keep.append(claimed.entry)
+        for stream in self.keys.all_completions():
+            result = self.transport.autoclaim(
+                stream, group, self.config.name, self.config.claim_idle_ms, self.config.batch
+            )
+            for claimed in result.claimed:
+                if claimed.deliveries > self.config.max_deliveries:
+                    self._dead_letter(claimed.entry, "delivered too many times", claimed.deliveries)
+                else:
+                    keep.append(claimed.entry)
         if keep:
             log_event(
                 "consumer.took_over_idle_entries", consumer=self.config.name, entries=len(keep)
@@ -148,9 +160,9 @@ class CompletionConsumer:
                         raise
                     self._poison(entry, one)
                     continue
-                self._ack([entry.id])
+                self._ack([entry])
             return
-        self._ack([entry.id for entry, _ in decoded])
+        self._ack([entry for entry, _ in decoded])
 
     def _consume(self, views: list[CompletionEventView], sent: dict[str, int]) -> None:
         source = f"consumer:{self.config.name}"
@@ -171,8 +183,13 @@ class CompletionConsumer:
                 )
                 telemetry.repaired({"release": len(c.repaired)}, source="consumer")
 
-    def _ack(self, ids: list[str]) -> None:
-        retrying(lambda: self.transport.ack(self.keys.completions, self.keys.completion_group, ids))
+    def _ack(self, entries: list[Entry]) -> None:
+        """XACK per stream: a batch may hold entries of several partitions."""
+        by_stream: defaultdict[str, list[str]] = defaultdict(list)
+        for entry in entries:
+            by_stream[entry.stream].append(entry.id)
+        for stream, ids in by_stream.items():
+            retrying(partial(self.transport.ack, stream, self.keys.completion_group, ids))
 
     def _poison(self, entry: Entry, exc: Exception) -> None:
         log_event("consumer.entry_failed", logging.ERROR, entry=entry.id, exc_info=True)

@@ -26,7 +26,10 @@ def dead_letter(
     source: str,
 ) -> None:
     """Copy `entry` to the dead-letter stream, acknowledge it, and keep evidence of it."""
-    retrying(lambda: transport.dead_letter(entry, group, keys.dead_letter, reason, deliveries))
+    # The dead-letter stream of the entry's own partition: the copy and the XACK are one
+    # MULTI, which a Redis Cluster allows only within one slot.
+    dead_stream = keys.dead_letter_for(entry.stream)
+    retrying(lambda: transport.dead_letter(entry, group, dead_stream, reason, deliveries))
 
     def record(conn: Connection) -> None:
         record_evidence(

@@ -107,11 +107,10 @@ class Maintenance:
             in_transaction(self.engine, lambda c: unmark_dispatched(c, ready))
 
     def trim(self) -> None:
-        removed = self.transport.trim_acknowledged(
-            self.keys.completions, [self.keys.completion_group]
-        )
-        for queue in sorted(self.queues):
-            removed += self.transport.trim_acknowledged(
-                self.keys.ready(queue), [self.keys.workers_group]
-            )
+        """Trim every partition's streams (each XTRIM touches one stream, one slot)."""
+        removed = 0
+        for stream in self.keys.all_completions():
+            removed += self.transport.trim_acknowledged(stream, [self.keys.completion_group])
+        for stream in self.keys.ready_streams(sorted(self.queues)):
+            removed += self.transport.trim_acknowledged(stream, [self.keys.workers_group])
         self.stats.trimmed += removed

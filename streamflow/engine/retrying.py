@@ -28,8 +28,19 @@ from streamflow.logs import log_event
 T = TypeVar("T")
 
 
+#: Redis Cluster's "not now": a shard down or failing over, slots moving. They pass once
+#: the cluster settles, like a standalone server coming back.
+_CLUSTER_TRANSIENT = (
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.SlotNotCoveredError,
+)
+
+
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return True
+    if isinstance(exc, _CLUSTER_TRANSIENT):
         return True
     if isinstance(exc, OperationalError):
         return True

@@ -7,6 +7,10 @@ the transport — must not fail the caller (which would make a recorded outcome 
 failure). It logs one structured warning line on the `streamflow.streams` logger (event
 `stream.publish_failed`, fields in `sf_fields` as `streamflow.logs` expects) and returns
 False.
+
+Routing: every message about a workflow goes to that workflow's partition
+(`StreamKeys.partition_of`), so with N partitions on a Redis Cluster the load spreads
+over the shards while one workflow's events stay in one stream, in order.
 """
 
 from __future__ import annotations
@@ -29,14 +33,14 @@ class Publisher:
     def publish_completion(self, event: CompletionEvent) -> bool:
         """XADD `event` to the completion stream; True on success, False (logged) if not."""
         # Encoding stays outside the guard: a bad event is a bug to surface, not an outage.
-        item = (self.keys.completions, encode(event))
+        item = (self.keys.completions_for(event.workflow_id), encode(event))
         return self._publish("completion", [item], event.workflow_id, event.step)
 
     def publish_ready(self, messages: Sequence[ReadyMessage]) -> bool:
         """XADD each message to its queue's ready stream in one round trip."""
         if not messages:
             return True
-        items = [(self.keys.ready(m.queue), encode(m)) for m in messages]
+        items = [(self.keys.ready_for(m.queue, m.workflow_id), encode(m)) for m in messages]
         return self._publish("ready", items, messages[0].workflow_id, messages[0].step)
 
     def _publish(

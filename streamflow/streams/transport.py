@@ -3,7 +3,16 @@
 Everything the engine does with streams goes through `StreamTransport`, so a test or the
 chaos suite can wrap it to drop, duplicate, delay or replay messages without patching
 internals. `RedisTransport` adapts a redis-py client (a real server, a Redis Cluster
-later, or fakeredis for the embedded default); `connect()` builds one from a URL.
+through `RedisCluster`, or fakeredis for the embedded default); `connect()` builds one
+from a URL.
+
+Redis Cluster: every command the engine sends touches one hash tag (see `keys`), so
+MULTI pipelines, XAUTOCLAIM and XTRIM work unchanged — redis-py routes single-slot
+commands by key and runs a MULTI pipeline on the node owning its one slot. XREADGROUP is
+different: a read over several partitions spans several slots, which Cluster refuses, and
+redis-py learns the keys of XREADGROUP (a "movable keys" command) by asking a node with
+COMMAND GETKEYS on every call. So in cluster mode reads are sent per slot, straight to
+the node owning it (see `_read_sharded`).
 
 Needs Redis >= 7.0: XAUTOCLAIM's third reply element (ids it found trimmed) and XTRIM
 MINID are relied on.
@@ -19,15 +28,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ResponseError
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException, ResponseError
 from redis.retry import Retry
 from redis.typing import EncodableT, FieldT
+
+from streamflow.streams.cluster import is_cluster_url, parse_cluster_url
 
 logger = logging.getLogger("streamflow.streams")
 
@@ -48,6 +61,12 @@ _POLL_INTERVAL_S = 0.01
 _EARLY_REPLY_S = 0.005
 #: Dead-letter entries kept in Redis (approximately); the ledger keeps them all.
 DEAD_LETTER_MAXLEN = 10_000
+#: Cluster reads: the longest one blocking read on one slot waits before every slot is
+#: polled again. An entry in another slot waits at most this long to be seen when idle.
+CLUSTER_BLOCK_SLICE_MS = 50
+
+#: The clients `RedisTransport` adapts.
+Client = redis.Redis | RedisCluster
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +120,8 @@ class StreamTransport(Protocol):
     ) -> list[Entry]:
         """XREADGROUP for new entries ('>'), recreating a missing group (NOGROUP) once.
 
-        Waits up to block_ms for the first entry; block_ms <= 0 does not wait at all.
+        Returns at most `count` entries, from any of `streams`. Waits up to block_ms for
+        the first entry; block_ms <= 0 does not wait at all.
         """
         ...
 
@@ -191,7 +211,7 @@ class RedisTransport:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: Client,
         *,
         max_block_ms: int | None = None,
         on_group_recreated: Callable[[str, str], None] | None = None,
@@ -207,6 +227,16 @@ class RedisTransport:
         # XAUTOCLAIM cursors per (stream, group): a PEL whose head is busy with live
         # consumers is still scanned past on later calls. Only a hint, so no lock.
         self._claim_cursors: dict[tuple[str, str], str] = {}
+        #: Cluster mode: reads go per slot (see `_read_sharded`).
+        self.cluster = isinstance(client, RedisCluster)
+        # Which slot group a sharded read blocks on next; rotates so none starves.
+        self._rotation = 0
+        # XREADGROUP's COUNT is per stream, so a read over several streams (partitions,
+        # queues) can deliver more than the caller asked for. The excess is already
+        # pending on the consumer; it is kept here, per (group, consumer), and handed out
+        # first by the next read, so `read_group` never returns more than `count`.
+        self._overflow: dict[tuple[str, str], deque[Entry]] = {}
+        self._overflow_lock = threading.Lock()
 
     def add(self, stream: str, fields: Fields) -> str:
         return str(self.client.xadd(stream, _wire(fields)))
@@ -243,9 +273,37 @@ class RedisTransport:
             raise ValueError(f"count must be at least 1, got {count}")
         if not streams:
             return []
+        held = self._take_overflow(group, consumer, streams, count)
+        if held:
+            return held
+        entries = self._read_new(group, consumer, streams, count, block_ms)
+        if len(entries) > count:
+            with self._overflow_lock:
+                self._overflow.setdefault((group, consumer), deque()).extend(entries[count:])
+            entries = entries[:count]
+        return entries
+
+    def _take_overflow(
+        self, group: str, consumer: str, streams: Sequence[str], count: int
+    ) -> list[Entry]:
+        with self._overflow_lock:
+            held = self._overflow.get((group, consumer))
+            if not held:
+                return []
+            wanted = set(streams)
+            out = [e for e in held if e.stream in wanted][:count]
+            taken = {id(e) for e in out}
+            self._overflow[(group, consumer)] = deque(e for e in held if id(e) not in taken)
+            return out
+
+    def _read_new(
+        self, group: str, consumer: str, streams: Sequence[str], count: int, block_ms: int
+    ) -> list[Entry]:
         block: int | None = block_ms if block_ms > 0 else None
         if block is not None and self.max_block_ms is not None:
             block = min(block, self.max_block_ms)
+        if self.cluster:
+            return self._read_sharded(group, consumer, streams, count, block)
         started = time.monotonic()
         entries = self._read_once(group, consumer, streams, count, block)
         if entries or block is None:
@@ -263,12 +321,66 @@ class RedisTransport:
             entries = self._read_once(group, consumer, streams, count, None)
         return entries
 
+    def _read_sharded(
+        self, group: str, consumer: str, streams: Sequence[str], count: int, block: int | None
+    ) -> list[Entry]:
+        """Cluster reads: one XREADGROUP per slot, `count` entries in all (per queue).
+
+        First a non-blocking read of every slot, starting at a rotating one so a busy
+        slot cannot starve the others; then, if all were empty, a short blocking read on
+        one slot (the next in rotation) and round again, until `block` ms have passed.
+        Idle, a reader sends about (slots + 1) commands per `CLUSTER_BLOCK_SLICE_MS`.
+        """
+        slots: dict[int, list[str]] = {}
+        for stream in streams:
+            slots.setdefault(self._slot(stream), []).append(stream)
+        groups = list(slots.values())
+        deadline = time.monotonic() + (block or 0) / 1000
+        while True:
+            start = self._rotation
+            self._rotation += 1
+            entries: list[Entry] = []
+            for i in range(len(groups)):
+                wanted = count - len(entries)
+                entries += self._read_once(
+                    group, consumer, groups[(start + i) % len(groups)], wanted, None
+                )
+                if len(entries) >= count:
+                    break
+            if entries or block is None:
+                return entries
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms < 1:
+                return []
+            wait = min(remaining_ms, CLUSTER_BLOCK_SLICE_MS)
+            entries = self._read_once(group, consumer, groups[start % len(groups)], count, wait)
+            if entries:
+                return entries
+
+    def _slot(self, key: str) -> int:
+        assert isinstance(self.client, RedisCluster)
+        return int(self.client.keyslot(key))  # type: ignore[no-untyped-call]
+
+    def _xreadgroup(
+        self, group: str, consumer: str, streams: Sequence[str], count: int, block: int | None
+    ) -> Any:
+        if not isinstance(self.client, RedisCluster):
+            request: dict[Any, Any] = dict.fromkeys(streams, ">")
+            return self.client.xreadgroup(group, consumer, request, count=count, block=block)
+        # Sent to the node owning the slot, so redis-py needs no COMMAND GETKEYS round
+        # trip (to a node that may be the one down) to find out where it goes.
+        args: list[Any] = ["GROUP", group, consumer, "COUNT", count]
+        if block is not None:
+            args += ["BLOCK", block]
+        args += ["STREAMS", *streams, *([">"] * len(streams))]
+        node: ClusterNode = self.client.get_node_from_key(streams[0])  # type: ignore[no-untyped-call]
+        return self.client.execute_command("XREADGROUP", *args, target_nodes=node)  # type: ignore[no-untyped-call]
+
     def _read_once(
         self, group: str, consumer: str, streams: Sequence[str], count: int, block: int | None
     ) -> list[Entry]:
-        request: dict[Any, Any] = dict.fromkeys(streams, ">")
         try:
-            reply = self.client.xreadgroup(group, consumer, request, count=count, block=block)
+            reply = self._xreadgroup(group, consumer, streams, count, block)
         except ResponseError as exc:
             if not _is_missing_group(exc):
                 raise
@@ -279,7 +391,7 @@ class RedisTransport:
                     _warn("stream.group_recreated", stream=stream, group=group, consumer=consumer)
                     if self.on_group_recreated is not None:
                         self.on_group_recreated(stream, group)
-            reply = self.client.xreadgroup(group, consumer, request, count=count, block=block)
+            reply = self._xreadgroup(group, consumer, streams, count, block)
         return _entries(reply)
 
     def ack(self, stream: str, group: str, ids: Sequence[str]) -> int:
@@ -402,8 +514,9 @@ class RedisTransport:
             if group not in last_delivered:
                 return 0
             bound = next_id(last_delivered[group])
-            if summary["pending"] and summary["min"]:
-                bound = _min_id([bound, str(summary["min"])])
+            pending, lowest = _pending_head(summary)
+            if pending and lowest:
+                bound = _min_id([bound, lowest])
             bounds.append(bound)
         return int(self.client.xtrim(stream, minid=_min_id(bounds), approximate=False))
 
@@ -448,6 +561,17 @@ class RedisTransport:
         return bool(self.client.set(key, value, nx=True))
 
 
+def _pending_head(summary: Any) -> tuple[int, str | None]:
+    """(count, lowest id) of an XPENDING summary: parsed to a dict by redis-py, except
+    inside a Cluster MULTI (redis-py 8.1), where it comes back as the raw reply
+    [count, lowest, highest, consumers]."""
+    if isinstance(summary, dict):
+        count, lowest = summary["pending"], summary["min"]
+    else:
+        count, lowest = summary[0], summary[1]
+    return int(count or 0), (str(lowest) if lowest else None)
+
+
 def _entries(reply: Any) -> list[Entry]:
     """Flatten an XREADGROUP reply: a RESP2 list of [stream, entries] or a RESP3 dict."""
     if not reply:
@@ -486,7 +610,8 @@ def connect(
     health_check_interval: int = 15,
     retries: int = 1,
 ) -> RedisTransport:
-    """A transport for `url`: `redis://` or `rediss://`, or None for the embedded default.
+    """A transport for `url`: `redis://`, `rediss://`, a cluster's `redis+cluster://`
+    (see `streamflow.streams.cluster`), or None for the embedded default.
 
     None gives an in-process fakeredis server, one per process, shared by every
     transport `connect(None)` returns, so the dispatcher, consumers and workers of one
@@ -498,26 +623,54 @@ def connect(
     outage surfaces as ConnectionError in well under a second rather than being hidden.
     `health_check_interval` pings connections idle that long before reuse. Readers may
     block up to `socket_timeout` minus two seconds, or half of it when it is short (see
-    `RedisTransport.max_block_ms`).
+    `RedisTransport.max_block_ms`). A cluster nobody in the seed list answers for raises
+    `redis.exceptions.ConnectionError`, like a standalone server that is down.
     """
     if url is None:
         return RedisTransport(_embedded_client())
-    if not url.startswith(("redis://", "rediss://")):
-        raise ValueError(f"unsupported Redis URL scheme (want redis:// or rediss://): {url!r}")
+    if not url.startswith(("redis://", "rediss://")) and not is_cluster_url(url):
+        raise ValueError(
+            "unsupported Redis URL scheme (want redis://, rediss:// or "
+            f"redis+cluster://host:port[,host:port]): {url!r}"
+        )
     if socket_timeout <= 0:
         raise ValueError(f"socket_timeout must be positive, got {socket_timeout}")
     timeout_ms = int(socket_timeout * 1000)
     max_block_ms = max(1, timeout_ms - min(BLOCK_MARGIN_MS, timeout_ms // 2))
-    client = redis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=socket_connect_timeout,
-        socket_keepalive=True,
-        health_check_interval=health_check_interval,
-        retry=Retry(ExponentialWithJitterBackoff(cap=0.2, base=0.02), retries),
-    )
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_connect_timeout,
+        "socket_keepalive": True,
+        "health_check_interval": health_check_interval,
+        "retry": Retry(ExponentialWithJitterBackoff(cap=0.2, base=0.02), retries),
+    }
+    client: Client
+    if is_cluster_url(url):
+        client = _cluster_client(url, options)
+    else:
+        client = redis.Redis.from_url(url, **options)
     return RedisTransport(client, max_block_ms=max_block_ms)
+
+
+def _cluster_client(url: str, options: dict[str, Any]) -> RedisCluster:
+    parsed = parse_cluster_url(url)
+    try:
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes],  # type: ignore[no-untyped-call]
+            username=parsed.username,
+            password=parsed.password,
+            ssl=parsed.ssl,
+            # A process starting while one shard is down still starts: the partitions on
+            # the other shards work, and the down one's commands fail (and are retried)
+            # until it is back.
+            require_full_coverage=False,
+            **options,
+        )
+    except RedisClusterException as exc:
+        # Raised when no seed node answers: the same kind of failure as a standalone
+        # server that is down, so callers handle (and retry) it the same way.
+        raise redis.exceptions.ConnectionError(f"Redis Cluster unreachable: {exc}") from exc
 
 
 def _embedded_client() -> redis.Redis:
