@@ -6,6 +6,7 @@ and import it below to add commands without touching cli.py.
 """
 
 import streamflow.commands.chaos
+import streamflow.commands.dashboard
 import streamflow.commands.lifecycle
 import streamflow.commands.prune  # noqa: F401
 from streamflow.commands import operator  # noqa: F401
