@@ -61,7 +61,9 @@ class PruneCounts:
     """Rows deleted (or, for a dry run, that would be), by table."""
 
     workflows: int = 0
-    rows: dict[str, int] = field(default_factory=dict)
+    rows: dict[str, int] = field(
+        default_factory=lambda: {table.name: 0 for table, _ in WORKFLOW_TABLES}
+    )
     reconciler_passes: int = 0
 
     def add(self, other: PruneCounts) -> None:
