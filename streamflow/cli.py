@@ -40,7 +40,7 @@ from streamflow.engine.runner import Runner
 from streamflow.explain import Explain
 from streamflow.reconciler import Reconciler, ReconcilerConfig
 from streamflow.streams.codec import CompletionEvent
-from streamflow.streams.keys import StreamKeys
+from streamflow.streams.keys import StreamKeys, parse_partitions
 from streamflow.streams.publisher import Publisher
 from streamflow.streams.seam import wrap_for_chaos
 from streamflow.streams.transport import StreamTransport
@@ -416,8 +416,21 @@ RedisUrlOption = Annotated[
     str | None,
     typer.Option(
         "--redis-url",
-        help="Redis for the streams, e.g. redis://localhost:6379/0. Defaults to "
+        help="Redis for the streams, e.g. redis://localhost:6379/0, or a Redis Cluster: "
+        "redis+cluster://host:7000,host:7001. Defaults to "
         "$STREAMFLOW_REDIS_URL; `run` without one uses an in-process stream.",
+        show_default=False,
+    ),
+]
+PartitionsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--partitions",
+        min=1,
+        max=1024,
+        help="Stream partitions (by workflow id); every process of a deployment should use "
+        "the same. Defaults to $STREAMFLOW_STREAM_PARTITIONS, else 1. See "
+        "docs/scaling-out.md.",
         show_default=False,
     ),
 ]
@@ -512,9 +525,14 @@ def _safe_redis(url: str) -> str:
     return url
 
 
-def _keys() -> StreamKeys:
+def _keys(partitions: int | None = None) -> StreamKeys:
+    settings = Settings()
     try:
-        return StreamKeys(prefix=Settings().stream_prefix)
+        count = partitions or parse_partitions(settings.stream_partitions)
+    except ValueError as exc:
+        raise CliError(f"STREAMFLOW_STREAM_PARTITIONS: {exc}", EXIT_USAGE) from None
+    try:
+        return StreamKeys(prefix=settings.stream_prefix, partitions=count)
     except ValueError as exc:
         raise CliError(f"STREAMFLOW_STREAM_PREFIX: {exc}", EXIT_USAGE) from None
 
@@ -534,6 +552,7 @@ def _start_engine(
     embedded_streams_allowed: bool,
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
+    partitions: int | None = None,
 ) -> int:
     choice = _choose(database_url)
     url = _redis_url(redis_url)
@@ -554,7 +573,7 @@ def _start_engine(
         engine = _open(choice, migrate_embedded=True)
         transport = _connect_streams(url)
         try:
-            runner, _ = build_runner(engine, transport, _keys(), options)
+            runner, _ = build_runner(engine, transport, _keys(partitions), options)
         except ImportError as exc:
             raise CliError(f"cannot import --app module: {exc}", EXIT_USAGE) from None
         metrics = None if metrics_port is None else _serve_metrics(metrics_port, metrics_host)
@@ -595,6 +614,7 @@ def worker(
     drain_seconds: DrainOption = 30.0,
     database_url: DatabaseUrlOption = None,
     redis_url: RedisUrlOption = None,
+    partitions: PartitionsOption = None,
     metrics_port: MetricsPortOption = None,
     metrics_host: MetricsHostOption = "127.0.0.1",
 ) -> None:
@@ -621,6 +641,7 @@ def worker(
             embedded_streams_allowed=False,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
+            partitions=partitions,
         )
     )
 
@@ -629,6 +650,7 @@ def worker(
 def consume(
     database_url: DatabaseUrlOption = None,
     redis_url: RedisUrlOption = None,
+    partitions: PartitionsOption = None,
     redispatch_after: RedispatchOption = 30.0,
     reconcile_every: ReconcileEveryOption = 5.0,
     batch: Annotated[
@@ -664,6 +686,7 @@ def consume(
             embedded_streams_allowed=False,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
+            partitions=partitions,
         )
     )
 
@@ -677,6 +700,7 @@ def run(
     drain_seconds: DrainOption = 30.0,
     database_url: DatabaseUrlOption = None,
     redis_url: RedisUrlOption = None,
+    partitions: PartitionsOption = None,
     redispatch_after: RedispatchOption = 30.0,
     reconcile_every: ReconcileEveryOption = 5.0,
     metrics_port: MetricsPortOption = None,
@@ -709,6 +733,7 @@ def run(
             embedded_streams_allowed=True,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
+            partitions=partitions,
         )
     )
 
@@ -814,6 +839,7 @@ def reconcile(
     redispatch_after: RedispatchOption = 30.0,
     database_url: DatabaseUrlOption = None,
     redis_url: RedisUrlOption = None,
+    partitions: PartitionsOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Repair what the streams lost, from the ledger: one pass, or a loop.
@@ -835,7 +861,7 @@ def reconcile(
         reconciler = Reconciler(
             engine,
             transport,
-            _keys(),
+            _keys(partitions),
             ReconcilerConfig(redispatch_after=timedelta(seconds=redispatch_after)),
         )
         if once:

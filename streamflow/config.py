@@ -8,6 +8,7 @@ builds `Settings()` once and passes what it resolved down.
 | `STREAMFLOW_DATABASE_URL`  | the ledger's database (PostgreSQL in production)  |
 | `STREAMFLOW_REDIS_URL`     | Redis for streams (none: an in-process stream)    |
 | `STREAMFLOW_STREAM_PREFIX` | prefix of every stream key (default `streamflow`) |
+| `STREAMFLOW_STREAM_PARTITIONS` | stream partitions, by workflow id (default 1)  |
 
 Without a database URL Streamflow uses an embedded SQLite file, `./streamflow.db`.
 """
@@ -34,6 +35,10 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     #: Prefix of every stream key (inside a Redis Cluster hash tag).
     stream_prefix: str = "streamflow"
+    #: How many partitions the streams are split into (docs/scaling-out.md). Kept as
+    #: text and parsed where the keys are built, so a bad value is one clear CLI error
+    #: there rather than a validation failure wherever settings are read.
+    stream_partitions: str | None = None
     #: A chaos fault plan (JSON) for the chaos suite's processes; never set it otherwise.
     chaos: str | None = None
 

@@ -607,7 +607,7 @@ def replay_command(
         if not publisher.publish_completion(event):
             raise CliError(
                 f"recorded the replay of {event.idempotency_key} but could not publish it to "
-                f"{keys.completions}; run the command again",
+                f"{keys.completions_for(target.workflow_id)}; run the command again",
                 EXIT_ERROR,
             )
     summary = {
@@ -616,7 +616,7 @@ def replay_command(
         "attempt": target.attempt,
         "status": target.status,
         "idempotency_key": event.idempotency_key,
-        "stream": keys.completions,
+        "stream": keys.completions_for(target.workflow_id),
         "published": True,
     }
     if as_json:
@@ -625,7 +625,7 @@ def replay_command(
     out = _stdout()
     out.print(
         f"{step}: replayed the completion event of attempt {target.attempt} "
-        f"({target.status}) to {keys.completions}",
+        f"({target.status}) to {keys.completions_for(target.workflow_id)}",
         soft_wrap=True,
     )
     out.print(
