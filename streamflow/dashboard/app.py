@@ -282,10 +282,12 @@ class Dashboard:
 
 async def _read_form(request: Request) -> dict[str, str]:
     """An urlencoded form body (what the pages' forms send); BadInput for anything else."""
+    body = await request.body()
+    if not body:
+        return {}  # a form with no fields, or a script sending only a token header
     kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if kind != "application/x-www-form-urlencoded":
         raise BadInput("send the form as application/x-www-form-urlencoded")
-    body = await request.body()
     if len(body) > MAX_FORM_BYTES:
         raise BadInput(f"the form is larger than {MAX_FORM_BYTES // 1024} KiB")
     try:
