@@ -67,6 +67,14 @@ CLUSTER_BLOCK_SLICE_MS = 50
 
 #: The clients `RedisTransport` adapts.
 Client = redis.Redis | RedisCluster
+#: What a read of one slot raises when the shard serving it is down or failing over.
+_SHARD_DOWN = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.SlotNotCoveredError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,12 +332,16 @@ class RedisTransport:
     def _read_sharded(
         self, group: str, consumer: str, streams: Sequence[str], count: int, block: int | None
     ) -> list[Entry]:
-        """Cluster reads: one XREADGROUP per slot, `count` entries in all (per queue).
+        """Cluster reads: one XREADGROUP per slot, `count` entries in all.
 
         First a non-blocking read of every slot, starting at a rotating one so a busy
         slot cannot starve the others; then, if all were empty, a short blocking read on
-        one slot (the next in rotation) and round again, until `block` ms have passed.
-        Idle, a reader sends about (slots + 1) commands per `CLUSTER_BLOCK_SLICE_MS`.
+        one slot that answered (the next in rotation) and round again, until `block` ms
+        have passed. Idle, a reader sends about (slots + 1) commands per
+        `CLUSTER_BLOCK_SLICE_MS`.
+
+        A shard that is down fails only its own slots' reads: the others are still read,
+        and the error propagates only when no slot could be read at all.
         """
         slots: dict[int, list[str]] = {}
         for stream in streams:
@@ -340,20 +352,27 @@ class RedisTransport:
             start = self._rotation
             self._rotation += 1
             entries: list[Entry] = []
+            answered: list[list[str]] = []
+            failure: Exception | None = None
             for i in range(len(groups)):
-                wanted = count - len(entries)
-                entries += self._read_once(
-                    group, consumer, groups[(start + i) % len(groups)], wanted, None
-                )
+                batch = groups[(start + i) % len(groups)]
+                try:
+                    entries += self._read_once(group, consumer, batch, count - len(entries), None)
+                except _SHARD_DOWN as exc:
+                    failure = exc
+                    continue
+                answered.append(batch)
                 if len(entries) >= count:
                     break
-            if entries or block is None:
+            if entries:
                 return entries
+            if not answered and failure is not None:
+                raise failure
             remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms < 1:
+            if block is None or remaining_ms < 1:
                 return []
             wait = min(remaining_ms, CLUSTER_BLOCK_SLICE_MS)
-            entries = self._read_once(group, consumer, groups[start % len(groups)], count, wait)
+            entries = self._read_once(group, consumer, answered[start % len(answered)], count, wait)
             if entries:
                 return entries
 
