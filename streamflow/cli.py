@@ -321,20 +321,46 @@ def demo(
 
 
 @app.command()
-def migrate(database_url: DatabaseUrlOption = None) -> None:
+def migrate(
+    database_url: DatabaseUrlOption = None,
+    partition_ledger: Annotated[
+        bool,
+        typer.Option(
+            "--partition-ledger",
+            help="Also apply the opt-in migration that partitions the step and evidence "
+            "tables by hash of workflow id (PostgreSQL only; see docs/deployment.md).",
+        ),
+    ] = False,
+    partitions: Annotated[
+        str,
+        typer.Option("--partitions", help="With --partition-ledger: how many (2 to 256)."),
+    ] = "16",
+) -> None:
     """Create or upgrade the ledger's tables to the latest revision. Safe to run again.
 
     **Example:** `streamflow migrate --database-url postgresql://app@localhost/app`
+    (add `--partition-ledger --partitions 16` to partition the big tables)
     """
+    from streamflow.commands.partition import (
+        apply_partitioning,
+        partitions_option,
+        require_postgres,
+    )
+
+    with _edge():
+        count = partitions_option(partitions) if partition_ledger else 0
     choice = _choose(database_url)
     with _edge(choice):
         engine = make_engine(choice.url)
         try:
+            if count:
+                require_postgres(engine)
             with engine.connect() as conn:
                 before = current_revision(conn)
             upgrade(engine)
             with engine.connect() as conn:
                 after = current_revision(conn)
+            partitioned = apply_partitioning(engine, count) if count else None
         finally:
             engine.dispose()
     head = head_revision()
@@ -347,6 +373,8 @@ def migrate(database_url: DatabaseUrlOption = None) -> None:
             f"{where}: migrated from [bold]{before or 'an empty database'}[/bold] "
             f"to [bold green]{after}[/bold green]" + (" (head)." if after == head else ".")
         )
+    if partitioned is not None:
+        console.print(f"{where}: {partitioned}")
 
 
 @app.command()
