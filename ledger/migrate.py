@@ -108,6 +108,12 @@ def partition_ledger(engine: Engine, partitions: int) -> None:
         command.upgrade(cfg, f"{PARTITION_BRANCH}@head")
 
 
+def unpartition_ledger(engine: Engine) -> None:
+    """Undo `partition_ledger`: plain tables again, every row kept."""
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn), f"{PARTITION_BRANCH}@base")
+
+
 def partition_count(conn: Connection, table: str = "streamflow_steps") -> int:
     """How many partitions `table` has (0: it is not partitioned)."""
     if conn.dialect.name != "postgresql":
