@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 
 from ledger import tables as t
 from ledger.db import make_engine
-from ledger.migrate import upgrade
+from ledger.migrate import partition_ledger, upgrade
 
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -56,6 +56,11 @@ def postgres_url() -> Iterator[str]:
     url = admin_url.set(database=name).render_as_string(hide_password=False)
     engine = make_engine(url)
     upgrade(engine)
+    # STREAMFLOW_TEST_PARTITIONS=N runs the PostgreSQL tests on a partitioned ledger
+    # (tests/integration/test_partitioning.py does so for a selection of the ledger suite).
+    partitions = os.environ.get("STREAMFLOW_TEST_PARTITIONS")
+    if partitions:
+        partition_ledger(engine, int(partitions))
     engine.dispose()
     try:
         yield url
