@@ -124,3 +124,11 @@ def test_without_the_extra_it_says_what_to_install(tmp_path: Path, ledger: tuple
     )
     run = streamflow(tmp_path, "dashboard", "--database-url", url, env={"PYTHONPATH": str(fake)})
     assert_one_line_error(run, code=2, contains="pip install 'streamflow[dashboard]'")
+
+
+def test_help_shows_an_example_and_the_token_rule(tmp_path: Path) -> None:
+    run = streamflow(tmp_path, "dashboard", "--help")
+    assert run.code == 0, run.err
+    assert "Example:" in run.out and "streamflow dashboard --port 8080" in run.out
+    assert "STREAMFLOW_DASHBOARD_TOKEN" in run.out and "127.0.0.1" in run.out
+    assert not (tmp_path / "streamflow.db").exists()
