@@ -40,7 +40,7 @@ class _Group:
 
 
 class Sampler:
-    """Samples `groups` (name → a callable giving the root pids now) until stopped."""
+    """Samples `groups` (name -> a callable giving the root pids now) until stopped."""
 
     def __init__(
         self,
@@ -70,11 +70,10 @@ class Sampler:
                 with contextlib.suppress(psutil.Error):
                     root = psutil.Process(pid)
                     for proc in [root, *root.children(recursive=True)]:
-                        with contextlib.suppress(psutil.Error):
-                            with proc.oneshot():
-                                group.see(proc.pid, _cpu(proc), baseline)
-                                if name in self._rss_names:
-                                    rss_total += proc.memory_info().rss
+                        with contextlib.suppress(psutil.Error), proc.oneshot():
+                            group.see(proc.pid, _cpu(proc), baseline)
+                            if name in self._rss_names:
+                                rss_total += proc.memory_info().rss
             if name in self._rss_names and rss_total:
                 self.rss_series[name].append(rss_total)
                 self.peak_rss[name] = max(self.peak_rss[name], rss_total)

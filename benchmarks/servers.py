@@ -63,8 +63,21 @@ def disposable_redis(external_url: str | None) -> Iterator[RedisServer]:
     port = _free_port()
     workdir = Path(tempfile.mkdtemp(prefix="bench-redis-"))
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-         "no", "--dir", str(workdir), "--databases", "16"],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+            "--databases",
+            "16",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -102,9 +115,8 @@ class Postgres:
         return self.base.set(database=database).render_as_string(hide_password=False)
 
     def sqlalchemy_url(self, database: str) -> str:
-        return (
-            self.base.set(drivername="postgresql+psycopg", database=database)
-            .render_as_string(hide_password=False)
+        return self.base.set(drivername="postgresql+psycopg", database=database).render_as_string(
+            hide_password=False
         )
 
     def create_database(self, prefix: str) -> str:

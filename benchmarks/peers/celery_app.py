@@ -45,7 +45,7 @@ def join(results: list[int], wf: int) -> int:
 
 
 def signature(workload: Workload, i: int) -> chain:
-    """W1/W3: chain(first, next, …); W2: chain(root, group(mids)) | join — a chord."""
+    """W1/W3: chain(first, next, ...); W2: chain(root, group(mids)) | join — a chord."""
     names = workload.step_names()
     if workload.shape == "chain":
         return chain(first.s(i, names[0]), *(nxt.s(i, n) for n in names[1:]))

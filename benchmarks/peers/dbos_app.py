@@ -74,9 +74,7 @@ def main(argv: list[str]) -> int:
     )
     # the parallel steps of W2 get their own queue: a parent waiting on its children
     # must not hold the slots its children need
-    DBOS.register_queue(
-        "bench_steps", worker_concurrency=CONCURRENCY, polling_interval_sec=POLL
-    )
+    DBOS.register_queue("bench_steps", worker_concurrency=CONCURRENCY, polling_interval_sec=POLL)
     print("ready", flush=True)
     for line in sys.stdin:
         command = line.strip()

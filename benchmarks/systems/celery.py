@@ -37,10 +37,25 @@ class CelerySystem(System):
         self._timings = timing_file
         self.worker = Proc(
             [
-                python(), "-m", "celery", "-A", "benchmarks.peers.celery_app", "worker",
-                "-P", "prefork", "-c", str(self.ctx.concurrency), "-Q", "bench",
-                "-l", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
-                "-n", f"bench-{os.getpid()}@%h",
+                python(),
+                "-m",
+                "celery",
+                "-A",
+                "benchmarks.peers.celery_app",
+                "worker",
+                "-P",
+                "prefork",
+                "-c",
+                str(self.ctx.concurrency),
+                "-Q",
+                "bench",
+                "-l",
+                "INFO",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-n",
+                f"bench-{os.getpid()}@%h",
             ],
             env_for(timing_file, BENCH_CELERY_REDIS=url),
             timing_file.parent / "celery-worker.log",
@@ -98,7 +113,7 @@ class CelerySystem(System):
 def _fill_from_timings(
     workload: Workload, outcome: Outcome, timing_file: Path, t_start: float
 ) -> None:
-    """Peers: end = the last step's body end; hop = child start − parent body end."""
+    """Peers: end = the last step's body end; hop = child start - parent body end."""
     arrivals = workload.arrivals()
     timings = read_timings(timing_file)
     ends: list[float] = []

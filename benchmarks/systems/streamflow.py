@@ -61,19 +61,23 @@ class StreamflowSystem(System):
         with engine.connect() as conn:  # the insert pool's first connection, made now
             conn.execute(text("SELECT 1"))
         redis_url = f"{self.ctx.redis.url}/{self.redis_db}"
-        env = env_for(
-            timing_file, STREAMFLOW_DATABASE_URL=self.url, STREAMFLOW_REDIS_URL=redis_url
-        )
+        env = env_for(timing_file, STREAMFLOW_DATABASE_URL=self.url, STREAMFLOW_REDIS_URL=redis_url)
         logs = timing_file.parent
         self.consumer = Proc(
             [python(), "-m", "streamflow", "consume"], env, logs / "streamflow-consume.log"
         )
         self.worker = Proc(
             [
-                python(), "-m", "streamflow", "worker",
-                "--app", "benchmarks.peers.streamflow_app",
-                "--queues", "default",
-                "--concurrency", str(self.ctx.concurrency),
+                python(),
+                "-m",
+                "streamflow",
+                "worker",
+                "--app",
+                "benchmarks.peers.streamflow_app",
+                "--queues",
+                "default",
+                "--concurrency",
+                str(self.ctx.concurrency),
             ],
             env,
             logs / "streamflow-worker.log",

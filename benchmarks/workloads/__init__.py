@@ -8,6 +8,7 @@ every system.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field, replace
 
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field, replace
 class Workload:
     key: str  # "w1", "w2", "w3", "w4@50%"
     title: str
-    shape: str  # "chain" (s0 → s1 → …) or "fan" (root → m0..m{width-1} → join)
+    shape: str  # "chain" (s0 -> s1 -> ...) or "fan" (root -> m0..m{width-1} -> join)
     width: int  # chain length, or the number of parallel steps
     workflows: int
     #: Open-loop arrivals per second (None: submit every workflow at once).
@@ -40,7 +41,7 @@ class Workload:
         """(parent, child) pairs."""
         names = self.step_names()
         if self.shape == "chain":
-            return list(zip(names, names[1:], strict=False))
+            return list(itertools.pairwise(names))
         mids = names[1:-1]
         return [("root", m) for m in mids] + [(m, "join") for m in mids]
 
@@ -62,7 +63,11 @@ class Workload:
 
     def at_rate(self, key: str, rate: float, load: float, seconds: float) -> Workload:
         return replace(
-            self, key=key, rate=rate, load=load, workflows=max(2, round(rate * seconds)),
+            self,
+            key=key,
+            rate=rate,
+            load=load,
+            workflows=max(2, round(rate * seconds)),
             title=f"W4 open loop at {load:.0%} of W1's max ({rate:.1f} workflows/s)",
         )
 
@@ -78,8 +83,8 @@ class Sizes:
 
 def workloads(sizes: Sizes) -> list[Workload]:
     return [
-        Workload("w1", f"W1 {sizes.w1} × chain A→B→C", "chain", 3, sizes.w1),
-        Workload("w2", f"W2 {sizes.w2} × root→10 parallel→join", "fan", 10, sizes.w2),
+        Workload("w1", f"W1 {sizes.w1} x chain A->B->C", "chain", 3, sizes.w1),
+        Workload("w2", f"W2 {sizes.w2} x root->10 parallel->join", "fan", 10, sizes.w2),
         Workload("w3", f"W3 one {sizes.w3}-step chain alone", "chain", sizes.w3, 1),
     ]
 
@@ -93,9 +98,9 @@ class Outcome:
     workflows: int
     first_submit: float
     last_finish: float
-    #: per workflow: finish − intended start, ms
+    #: per workflow: finish - intended start, ms
     latencies_ms: list[float] = field(default_factory=list)
-    #: per DAG edge: child start − parent finish (ours: parent's ledger commit), ms
+    #: per DAG edge: child start - parent finish (ours: parent's ledger commit), ms
     hops_ms: list[float] = field(default_factory=list)
     #: the latest a submission went out behind its intended time (open loop honesty), ms
     max_submit_lag_ms: float = 0.0

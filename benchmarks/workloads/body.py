@@ -44,7 +44,7 @@ def run_step(step: str, wf: int, inputs: list[int]) -> int:
 
 
 def read_timings(path: Path) -> dict[int, dict[str, tuple[float, float]]]:
-    """wf → step → (t0, t1); the first run of a step counts (a retry would be a second)."""
+    """wf -> step -> (t0, t1); the first run of a step counts (a retry would be a second)."""
     out: dict[int, dict[str, tuple[float, float]]] = defaultdict(dict)
     if not path.exists():
         return out
