@@ -352,7 +352,7 @@ def explain_text(engine: Engine, captured: Captured) -> str:
 
 def _one_line(sql: str, width: int = 110) -> str:
     flat = " ".join(sql.split())
-    return flat if len(flat) <= width else flat[: width - 1] + "..."
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 def report(engine: Engine, planned: list[Planned], all_plans: bool) -> str:
