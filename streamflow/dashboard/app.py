@@ -142,13 +142,12 @@ class Dashboard:
 
     def workflows(self, request: Request) -> Response:
         filters = Filters.from_query(request.query_params)
+        now = datetime.now(UTC)
         try:
-            data = overview(self.engine, filters, datetime.now(UTC))
+            data = overview(self.engine, filters, now)
         except BadInput as exc:
             return self.page("workflows.html", 400, filters=filters, error=str(exc), data=None)
-        return self.page(
-            "workflows.html", filters=filters, data=data, now=datetime.now(UTC), error=None
-        )
+        return self.page("workflows.html", filters=filters, data=data, now=now, error=None)
 
     def workflow(self, request: Request) -> Response:
         workflow_id = request.path_params["workflow_id"]
