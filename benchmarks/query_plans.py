@@ -325,6 +325,14 @@ def _walk(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from _walk(child)
 
 
+def _index_of(node: dict[str, Any]) -> str | None:
+    """The index a scan reads; for a bitmap heap scan, those its bitmap index scans read."""
+    if node["Node Type"] == "Bitmap Heap Scan":
+        names = [n["Index Name"] for n in _walk(node) if n["Node Type"] == "Bitmap Index Scan"]
+        return "bitmap: " + " + ".join(names)
+    return node.get("Index Name")
+
+
 def explain_all(engine: Engine, captured: list[Captured]) -> list[Planned]:
     """EXPLAIN (not ANALYZE: nothing runs) each statement with its recorded parameters."""
     out = []
@@ -333,7 +341,7 @@ def explain_all(engine: Engine, captured: list[Captured]) -> list[Planned]:
             row = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + c.statement, c.parameters)
             plan = row.scalar_one()[0]["Plan"]
             scans = [
-                (n["Node Type"], n["Relation Name"], n.get("Index Name"))
+                (n["Node Type"], n["Relation Name"], _index_of(n))
                 for n in _walk(plan)
                 if "Relation Name" in n
             ]
@@ -355,16 +363,35 @@ def _one_line(sql: str, width: int = 110) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
+def shorten(sql: str, width: int = 160) -> str:
+    """The statement with its column lists, casts and parameter names left out: what it
+    reads and by which condition is what a plan is about."""
+    flat = " ".join(sql.split())
+    flat = re.sub(r"%\(\w+\)s", "?", flat)
+    flat = re.sub(r"::(TIMESTAMP WITH TIME ZONE|[A-Z]+)", "", flat)
+    flat = re.sub(r"\bstreamflow_(\w+)\.", "", flat)  # table-qualified columns
+    flat = re.sub(r"^SELECT (DISTINCT )?.+? FROM ", r"SELECT \1… FROM ", flat)
+    flat = re.sub(r"^INSERT INTO (\w+) \(.*", r"INSERT INTO \1 …", flat)
+    flat = re.sub(r" SET .+? WHERE ", " SET … WHERE ", flat)
+    flat = re.sub(r"IN \(\?(, \?)+\)", "IN (?, …)", flat)
+    return _one_line(flat, width)
+
+
+def _how(node: str, index: str | None) -> str:
+    if node == "Seq Scan":
+        return "SEQ SCAN"
+    return index or node.lower()
+
+
 def report(engine: Engine, planned: list[Planned], all_plans: bool) -> str:
     lines = []
     for p in planned:
         scans = ", ".join(
-            f"{rel} ({'seq scan' if node == 'Seq Scan' else idx or node.lower()})"
-            for node, rel, idx in p.scans
+            f"{rel} ({_how(node, idx)})" for node, rel, idx in p.scans if node != "ModifyTable"
         )
         flag = "  <-- SEQ SCAN" if p.bad_seq_scans else ""
-        lines.append(f"[{p.captured.phase}] x{p.captured.count} {_one_line(p.captured.statement)}")
-        lines.append(f"    scans: {scans or 'none (no table read)'}{flag}")
+        lines.append(f"[{p.captured.phase}] x{p.captured.count} {shorten(p.captured.statement)}")
+        lines.append(f"    reads: {scans or 'nothing (a plain insert)'}{flag}")
         if all_plans or p.bad_seq_scans:
             for plan_line in explain_text(engine, p.captured).splitlines():
                 lines.append("      " + _one_line(plan_line, 150))
