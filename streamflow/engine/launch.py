@@ -35,6 +35,8 @@ class EngineOptions:
     claim_idle_ms: int = 30_000
     max_deliveries: int = 5
     batch: int = 200
+    #: Workers run a child their step released next, claimed in the same commit.
+    hand_off: bool = True
 
 
 def build_runner(
@@ -58,6 +60,7 @@ def build_runner(
                 drain_seconds=options.drain_seconds,
                 claim_idle_ms=options.claim_idle_ms,
                 max_deliveries=options.max_deliveries,
+                hand_off=options.hand_off,
             ),
         )
         runner.add("worker", worker.run)

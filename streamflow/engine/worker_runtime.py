@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
-from ledger.claims import Claim, ClaimRefused
+from ledger.claims import Claim, ClaimRefused, claim_step
 from ledger.errors import InvalidCompletionError, LedgerError
 from ledger.jobs import claim_job, complete_job, release_job_claim, renew_job_lease
 from ledger.model import STEP_JOB, CompletionResult
@@ -59,6 +59,10 @@ class WorkerConfig:
     drain_seconds: float = 30.0
     #: A ready entry delivered more often than this is dead-lettered, not retried forever.
     max_deliveries: int = 5
+    #: Claim a released child of a served queue in the parent's outcome transaction and
+    #: run it next on the same thread (see `WorkerRuntime._record`). Off: every child goes
+    #: through its ready stream, strictly in stream order.
+    hand_off: bool = True
 
 
 @dataclass
@@ -79,6 +83,8 @@ class WorkerStats:
     cancelled: int = 0
     duplicates: int = 0
     released_on_drain: int = 0
+    #: Steps claimed by their parent's outcome and run on the same thread (no ready message).
+    handed_off: int = 0
 
 
 class WorkerRuntime:
@@ -104,6 +110,8 @@ class WorkerRuntime:
         self._idle = threading.Condition(self._lock)
         self._handlers = 0
         self._drained = threading.Event()
+        #: Set once the worker stops taking work (SIGTERM): no more hand-offs either.
+        self._stopping = threading.Event()
 
     # -- the read loop -------------------------------------------------------------------
 
@@ -148,6 +156,7 @@ class WorkerRuntime:
             self._release_slots(free - len(entries))
             for entry in entries:
                 self._start_handler(entry)
+        self._stopping.set()
         self._drain()
         grouped = self.ledger.stats
         log_event(
@@ -281,17 +290,20 @@ class WorkerRuntime:
                 state=claim.state.value,
             )
             return
+        self._started(claim, ready_at_ms=msg.at_ms)
+        self._run(claim, entry)
+
+    def _started(self, claim: Claim, *, ready_at_ms: int | None) -> None:
         self.stats.claimed += 1
         telemetry.step_started(
             workflow_name=claim.workflow_name,
             queue=claim.queue,
             attempt=claim.attempt,
             # The `now` the claim was made with.
-            claimed_at=claim.lease_expires_at - timedelta(seconds=cfg.lease_seconds),
+            claimed_at=claim.lease_expires_at - timedelta(seconds=self.config.lease_seconds),
             available_at=claim.available_at,
-            ready_at_ms=msg.at_ms,
+            ready_at_ms=ready_at_ms,
         )
-        self._run(claim, entry)
 
     def _ack(self, entry: Entry) -> None:
         """Acknowledge a handled ready entry, once, without waiting on Redis.
@@ -315,6 +327,14 @@ class WorkerRuntime:
             )
 
     def _run(self, claim: Claim, entry: Entry) -> None:
+        """Run a claimed step, then each child whose outcome handed it straight to this
+        thread (see `_record`), until one hands nothing on."""
+        next_claim: Claim | None = self._run_claimed(claim, entry)
+        while next_claim is not None:
+            self.stats.handed_off += 1
+            next_claim = self._run_claimed(next_claim, None)
+
+    def _run_claimed(self, claim: Claim, entry: Entry | None) -> Claim | None:
         ctx = StepContext(
             workflow_id=claim.workflow_id,
             workflow_name=claim.workflow_name,
@@ -332,19 +352,21 @@ class WorkerRuntime:
         with self._lock:
             self._running[key] = running
         # Registered first, so the heartbeat renews the lease even if the ack is slow.
-        self._ack(entry)
+        if entry is not None:
+            self._ack(entry)
         log_event(
             "worker.step_started",
             workflow_id=claim.workflow_id,
             step=claim.step,
             attempt=claim.attempt,
             worker=claim.worker,
+            handed_off=entry is None,
         )
         try:
             started = time.perf_counter()
             status, payload = self._perform(claim, ctx)
             running.perform_ms = (time.perf_counter() - started) * 1000
-            self._record(claim, status, payload, running)
+            return self._record(claim, status, payload, running)
         finally:
             with self._lock:
                 self._running.pop(key, None)
@@ -372,9 +394,19 @@ class WorkerRuntime:
             }
         return "completed", result
 
-    def _record(self, claim: Claim, status: str, payload: Any, running: _Running) -> None:
-        def record(conn: Any, status: str, payload: Any) -> CompletionResult:
-            return complete_job(
+    def _record(self, claim: Claim, status: str, payload: Any, running: _Running) -> Claim | None:
+        """Record the outcome; publish the released children and the completion event.
+
+        Hand-off: when the outcome releases a step of a queue this worker serves, the same
+        transaction claims it for this worker, and the caller runs it next on this thread
+        — no ready message, no second commit, no Redis round trip between parent and
+        child. The claim is an ordinary one (lease, attempt, heartbeat), so everything
+        that rescues a claimed step rescues this one. Returns that claim, or None.
+        """
+        hand_off = self._may_hand_off(claim)
+
+        def record(conn: Any, status: str, payload: Any) -> tuple[CompletionResult, Claim | None]:
+            result = complete_job(
                 conn,
                 claim.job,
                 claim.workflow_id,
@@ -386,15 +418,20 @@ class WorkerRuntime:
                 now=utcnow(),
                 dispatch=True,
             )
+            return result, (self._claim_child(conn, result) if hand_off else None)
 
         key = claim.workflow_id
         try:
-            result = self.ledger.run(lambda conn: record(conn, status, payload), order_key=key)
+            result, child = self.ledger.run(
+                lambda conn: record(conn, status, payload), order_key=key
+            )
         except InvalidCompletionError as exc:
             # The result cannot be stored (not plain JSON): a bug that retrying will not
             # fix, recorded as a failure the operator can read.
             problem = {"error": f"the step's result could not be stored: {exc}"}
-            result = self.ledger.run(lambda conn: record(conn, "failed", problem), order_key=key)
+            result, child = self.ledger.run(
+                lambda conn: record(conn, "failed", problem), order_key=key
+            )
         # The outcome is in the ledger: the heartbeat must not mistake the lease it just
         # gave up for a lost one.
         running.done.set()
@@ -417,10 +454,11 @@ class WorkerRuntime:
         )
         if not result.applied or claim.job != STEP_JOB:
             # A callback has no children and no completion event.
-            return
-        if result.ready and not self.publisher.publish_ready(ready_messages(result.ready)):
+            return None
+        ready = [r for r in result.ready if child is None or r.step != child.step]
+        if ready and not self.publisher.publish_ready(ready_messages(ready)):
             # Hand them back to the dispatcher rather than wait for the stale deadline.
-            in_transaction(self.engine, lambda conn: unmark_dispatched(conn, result.ready))
+            in_transaction(self.engine, lambda conn: unmark_dispatched(conn, ready))
         self.publisher.publish_completion(
             CompletionEvent(
                 claim.workflow_id,
@@ -430,6 +468,31 @@ class WorkerRuntime:
                 now_ms(),
             )
         )
+        if child is not None:
+            self._started(child, ready_at_ms=None)
+        return child
+
+    def _may_hand_off(self, claim: Claim) -> bool:
+        # Not while stopping: a drain must not pick up new work.
+        return self.config.hand_off and claim.job == STEP_JOB and not self._stopping.is_set()
+
+    def _claim_child(self, conn: Connection, result: CompletionResult) -> Claim | None:
+        """Claim the most urgent released step of a queue this worker serves."""
+        if not result.applied:
+            return None
+        mine = [r for r in result.ready if r.job == STEP_JOB and r.queue in self.config.queues]
+        for ready in sorted(mine, key=lambda r: -r.priority):
+            claimed = claim_step(
+                conn,
+                ready.workflow_id,
+                ready.step,
+                owner=self.config.name,
+                lease_seconds=self.config.lease_seconds,
+                now=utcnow(),
+            )
+            if isinstance(claimed, Claim):
+                return claimed
+        return None
 
     def _count(self, result: CompletionResult) -> None:
         if not result.applied:

@@ -453,7 +453,13 @@ def test_redis_killed_and_restarted_empty_mid_run_loses_nothing(
     # The fault is visible: groups were recreated, and the ready messages lost with the
     # old server (roots not yet read when it died) were dispatched again from the ledger,
     # with recovery rows saying so.
-    assert cluster.logged("stream.group_recreated") >= 2
+    # Whichever notices the empty server first recreates the groups: a reader meeting
+    # NOGROUP (logged per group), or the reconciler's streams-reset repair (which creates
+    # them before re-dispatching). Which one wins is timing, so either counts.
+    assert (
+        cluster.logged("stream.group_recreated") >= 2
+        or cluster.logged("reconciler.streams_reset") >= 1
+    ), cluster.outputs()
     assert recoveries(pg_engine, ids).total() >= 1
 
 

@@ -338,7 +338,8 @@ def test_a_failed_publish_after_a_worker_commit_goes_back_to_the_dispatcher(
     assert dispatcher.stats.dispatched == 1
     flaky = FlakyTransport(transport)
     flaky.fail.update({"add_many": 1, "add": 1})  # the children's ready messages, the event
-    worker = worker_for(sqlite_engine, flaky, keys)
+    # Without hand-off, so both children go through the ready stream's publish.
+    worker = worker_for(sqlite_engine, flaky, keys, hand_off=False)
     stream = keys.ready("default")
     with running(worker.run):
         until(lambda: flaky.failed == Counter({"add_many": 1, "add": 1}), "both publishes to fail")
@@ -495,3 +496,80 @@ def test_a_component_that_dies_is_logged_with_its_exception() -> None:
     assert runner.failed == ["doomed"] and runner.stop.is_set()
     [record] = [r for r in handler.records if r.getMessage() == "process.component_failed"]
     assert "the reason it died" in JsonLineFormatter().format(record)
+
+
+# -- hand-off: a released child runs next on its parent's thread --------------------------------
+
+
+def test_a_chain_is_handed_from_parent_to_child_without_ready_messages(
+    sqlite_engine: Engine, transport: RedisTransport, keys: StreamKeys, perform_log: Path
+) -> None:
+    wf = (
+        Workflow.new("chain", {"log": str(perform_log)})
+        .add("a", app.Echo.new())
+        .add("b", app.Echo.new(), deps=["a"])
+        .add("c", app.Echo.new(), deps=["b"])
+    )
+    wid = Workflow.insert(wf, sqlite_engine).id
+    Maintenance(sqlite_engine, transport, keys).tick()
+    worker = worker_for(sqlite_engine, transport, keys)
+    with running(worker.run):
+        until(lambda: finished(sqlite_engine, wid), "the chain to finish")
+    assert runs(perform_log) == Counter({(wid, s, 1): 1 for s in "abc"})
+    # Only the root went through the ready stream; b and c were claimed by their parent's
+    # outcome transaction and leave no duplicate or replayed evidence behind.
+    assert [decode_ready(f).step for _, f in entries(transport, keys.ready("default"))] == ["a"]
+    assert worker.stats.handed_off == 2
+    assert evidence(sqlite_engine, "duplicate") == evidence(sqlite_engine, "replayed") == []
+    assert Workflow.get(sqlite_engine, wid).outcome == "completed"
+
+
+def test_hand_off_takes_one_child_of_a_served_queue_and_publishes_the_rest(
+    sqlite_engine: Engine, transport: RedisTransport, keys: StreamKeys, perform_log: Path
+) -> None:
+    wf = (
+        Workflow.new("fan", {"log": str(perform_log)})
+        .add("root", app.Echo.new())
+        .add("c1", app.Echo.new(), deps=["root"])
+        .add("c2", app.Echo.new(), deps=["root"])
+        .add("elsewhere", app.Echo.new(queue="other"), deps=["root"])
+    )
+    wid = Workflow.insert(wf, sqlite_engine).id
+    Maintenance(sqlite_engine, transport, keys).tick()
+    worker = worker_for(sqlite_engine, transport, keys)
+    with running(worker.run):
+        until(
+            lambda: (
+                step_row(sqlite_engine, wid, "c1").state == "completed"
+                and step_row(sqlite_engine, wid, "c2").state == "completed"
+            ),
+            "both default-queue children to run",
+        )
+    assert worker.stats.handed_off == 1
+    published = [decode_ready(f).step for _, f in entries(transport, keys.ready("default"))]
+    assert published[0] == "root" and len(published) == 2 and published[1] in ("c1", "c2")
+    # A queue this worker does not serve is never handed to it.
+    assert [decode_ready(f).step for _, f in entries(transport, keys.ready("other"))] == [
+        "elsewhere"
+    ]
+    assert step_row(sqlite_engine, wid, "elsewhere").state == "available"
+
+
+def test_no_hand_off_when_it_is_switched_off(
+    sqlite_engine: Engine, transport: RedisTransport, keys: StreamKeys, perform_log: Path
+) -> None:
+    wf = (
+        Workflow.new("chain", {"log": str(perform_log)})
+        .add("a", app.Echo.new())
+        .add("b", app.Echo.new(), deps=["a"])
+    )
+    wid = Workflow.insert(wf, sqlite_engine).id
+    Maintenance(sqlite_engine, transport, keys).tick()
+    worker = worker_for(sqlite_engine, transport, keys, hand_off=False)
+    with running(worker.run):
+        until(lambda: finished(sqlite_engine, wid), "the chain to finish")
+    assert worker.stats.handed_off == 0
+    assert [decode_ready(f).step for _, f in entries(transport, keys.ready("default"))] == [
+        "a",
+        "b",
+    ]

@@ -432,7 +432,11 @@ def test_allow_list_holds_for_every_event_of_a_real_run(
     assert m["count"] == 1
     started = recorder.of(Event.STEP_STARTED, workflow_name=main_name)
     assert len(started) == 7  # six steps, flaky twice; after_boom never ran
-    assert all(m["queue_wait_ms"] >= 0 and m["ready_hop_ms"] >= 0 for m, _ in started)
+    assert all(m["queue_wait_ms"] >= 0 for m, _ in started)
+    # A step handed straight from its parent's worker had no ready message, so no ready
+    # hop; every other start measures one.
+    hops = [m["ready_hop_ms"] for m, _ in started if "ready_hop_ms" in m]
+    assert hops and all(hop >= 0 for hop in hops)
     done = recorder.of(Event.STEP_COMPLETED, workflow_name=main_name, source="worker")
     assert len(done) == 4 and all(m["duration_ms"] >= 0 for m, _ in done)
     assert {md["outcome"] for _, md in recorder.of(Event.WORKFLOW_FINISHED)} == {"failed"}
