@@ -1,0 +1,155 @@
+"""Where Streamflow's time goes under W1: py-spy on the worker and the consume process.
+
+    python -m benchmarks.profile                       # 1,500 chains (4,500 steps)
+    python -m benchmarks.profile --workflows 300 --out /tmp/prof
+
+Runs W1 through the same harness as the suite, with `py-spy record` attached to the
+worker and to the consume process (CPU samples; the worker also with --idle, so waiting
+on PostgreSQL and Redis shows). Writes the collapsed stacks (`*.txt`, for flamegraph
+tools or speedscope) and prints, per process, the share of samples by layer and the
+functions with the most inclusive time. Needs py-spy (the `bench` extra) and root or
+ptrace permission.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections import Counter
+from pathlib import Path
+
+from benchmarks.servers import DEFAULT_PG, Postgres, disposable_redis
+from benchmarks.systems.base import Ctx, measure
+from benchmarks.systems.streamflow import StreamflowSystem
+from benchmarks.workloads import Workload
+
+#: Leaf frames by where they are, first match wins.
+LAYERS = (
+    ("psycopg (PostgreSQL driver, incl. waiting on the server)", ("psycopg",)),
+    ("sqlalchemy (Core: compiling, executing, result rows)", ("sqlalchemy",)),
+    ("redis-py (incl. waiting on Redis)", ("redis/", "hiredis")),
+    ("json / serialisation", ("json/",)),
+    ("logging", ("logging/",)),
+    ("ledger (our SQL operations)", ("ledger/",)),
+    ("streamflow (engine, streams)", ("streamflow/",)),
+    ("threading / queue / selectors (waiting)", ("threading.py", "queue.py", "selectors.py")),
+    ("tenacity (retry wrapper)", ("tenacity",)),
+)
+
+
+def _layer(frame: str) -> str:
+    for name, needles in LAYERS:
+        if any(n in frame for n in needles):
+            return name
+    return "other (stdlib, interpreter)"
+
+
+def summarise(path: Path, top: int = 25) -> str:
+    """Shares by layer (of the innermost frame in one of our layers, else the leaf) and
+    the functions with the most inclusive samples."""
+    layers: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        total += count
+        layers[_layer(frames[-1])] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    if not total:
+        return f"{path.name}: no samples"
+    lines = [f"{path.name}: {total} samples", "", "| layer (leaf frame) | share |", "|---|---:|"]
+    for name, n in layers.most_common():
+        lines.append(f"| {name} | {n / total:.0%} |")
+    lines += ["", "| function (inclusive) | share |", "|---|---:|"]
+    shown = 0
+    for frame, n in inclusive.most_common():
+        if "/streamflow/" not in frame and "/ledger/" not in frame:
+            continue  # our own code: the rest is reachable from it
+        lines.append(f"| `{frame}` | {n / total:.0%} |")
+        shown += 1
+        if shown >= top:
+            break
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workflows", type=int, default=1500)
+    p.add_argument("--database-url", default=DEFAULT_PG)
+    p.add_argument("--out", default="benchmarks/results/profile")
+    args = p.parse_args(argv)
+    if shutil.which("py-spy") is None:
+        p.error("py-spy is not installed: pip install -e '.[bench]'")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pg = Postgres(args.database_url)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-prof-"))
+    recorders: list[subprocess.Popen[bytes]] = []
+    workload = Workload("w1", "W1 profile", "chain", 3, args.workflows)
+    try:
+        with disposable_redis(None) as redis:
+            system = StreamflowSystem(Ctx(pg, args.database_url, redis, workdir))
+            system.setup()
+            original_drive = system.drive
+
+            def drive(w: Workload) -> object:
+                # attach once the processes are up, just before the workload starts
+                for proc, name, idle in (
+                    (system.worker, "worker", False),
+                    (system.worker, "worker-idle", True),
+                    (system.consumer, "consume", False),
+                ):
+                    cmd = [
+                        "py-spy",
+                        "record",
+                        "--pid",
+                        str(proc.pid),
+                        "--rate",
+                        "200",
+                        "--format",
+                        "raw",
+                        "--nonblocking",
+                        "--output",
+                        str(out / f"{name}.txt"),
+                    ]
+                    if idle:
+                        cmd.append("--idle")
+                    recorders.append(
+                        subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    )
+                threading.Event().wait(0.5)  # py-spy attaches before the first insert
+                return original_drive(w)
+
+            system.drive = drive  # type: ignore[method-assign]
+            try:
+                fig = measure(system, workload, workdir / "run")
+            finally:
+                system.teardown()
+    finally:
+        for r in recorders:  # py-spy writes its file when the target exits
+            try:
+                r.wait(30)
+            except subprocess.TimeoutExpired:
+                r.terminate()
+        pg.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    steps = workload.steps
+    print(f"W1 x {args.workflows}: {steps / fig.outcome.wall_s:.0f} steps/s while profiled\n")
+    for name in ("worker", "worker-idle", "consume"):
+        path = out / f"{name}.txt"
+        if path.exists():
+            print(summarise(path))
+            print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
