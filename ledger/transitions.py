@@ -394,9 +394,17 @@ class _Child:
 def children_with_deps(conn: Connection, workflow_id: str, parent: str) -> list[_Child]:
     """Each child of `parent` with all of its dependencies, ordered by position."""
     e, p, c, a = t.edges, t.steps.alias("p"), t.steps.alias("c"), t.awaits
-    children = (
-        select(e.c.child).where(e.c.workflow_id == workflow_id, e.c.parent == parent)
-    ).scalar_subquery()
+    # Two statements, not one with a subquery: given the children by name, the planner
+    # walks the primary keys from them. With the subquery it could start from every edge
+    # of the workflow instead (it did, on a freshly filled table: 12 ms per hop on a
+    # 200-step chain, growing with the square of the workflow's size).
+    children = list(
+        conn.execute(
+            select(e.c.child).where(e.c.workflow_id == workflow_id, e.c.parent == parent)
+        ).scalars()
+    )
+    if not children:
+        return []
     rows = conn.execute(
         select(
             e.c.child,
