@@ -16,7 +16,7 @@ from datetime import datetime
 from sqlalchemy import Connection, select
 
 from ledger import tables as t
-from ledger.db import lock_workflow
+from ledger.db import lock_event, lock_workflow
 from ledger.evidence import record_evidence
 from ledger.model import ReadyStep
 from ledger.recoveries import record_recovery
@@ -49,8 +49,10 @@ class Consumed:
 def consume_completions(
     conn: Connection, events: Sequence[CompletionEventView], now: datetime, source: str
 ) -> list[Consumed]:
-    """Consume a batch in one transaction. Workflows are locked in id order, so two
-    consumers with overlapping batches cannot deadlock."""
+    """Consume a batch in one transaction. Events are taken in workflow-id order (the
+    order every locker of workflows uses), so overlapping batches do not deadlock; the
+    rare one that does (two consumers taking the same redelivered events in another
+    order) is rolled back by PostgreSQL and retried as a transient error."""
     order = sorted(range(len(events)), key=lambda i: (events[i].workflow_id, i))
     out: dict[int, Consumed] = {}
     for i in order:
@@ -81,7 +83,10 @@ def _consume_one(conn: Connection, ev: CompletionEventView, now: datetime, sourc
     exists = conn.execute(select(w.c.id).where(w.c.id == ev.workflow_id)).first()
     if exists is None:
         return keep("unmatched", "no_such_workflow")
-    wf = lock_workflow(conn, ev.workflow_id)
+    # Not the workflow lock (yet): the workers recording this workflow's next outcomes
+    # need it now, and a consumer batch holding it would stall them. Accounting for one
+    # event needs only that nobody else accounts for the same event meanwhile.
+    lock_event(conn, ev.idempotency_key)
     row = conn.execute(
         select(s.c.state, s.c.attempt).where(s.c.workflow_id == ev.workflow_id, s.c.name == ev.step)
     ).first()
@@ -117,9 +122,19 @@ def _consume_one(conn: Connection, ev: CompletionEventView, now: datetime, sourc
     )
     if StepState(row.state) not in TERMINAL_STATES:
         return Consumed(ev, "consumed")
+    if row.attempt == ev.attempt and _outcome_row_exists(conn, ev):
+        # The step's latest outcome has its attempt row, and `complete_step` (like a
+        # workflow cancel) writes that row in the same transaction as the release: the row
+        # is proof the release was applied, so neither the walk over the children nor the
+        # workflow lock is needed (dispatching is a conditional update of its own). A step
+        # made terminal any other way (a lost write, a hand edit) has no such row and gets
+        # the full check below.
+        ready = mark_dispatched(conn, _undispatched_children(conn, ev.workflow_id, ev.step), now)
+        return Consumed(ev, "consumed", ready)
 
     # Make sure the release happened (a no-op unless something was lost), then hand out
     # every available child of this step that nobody has dispatched yet.
+    wf = lock_workflow(conn, ev.workflow_id)
     changes = Changes()
     reconcile_descendants(conn, ev.workflow_id, [ev.step], changes, now)
     for step in changes.released + changes.cancelled:
@@ -136,6 +151,18 @@ def _consume_one(conn: Connection, ev: CompletionEventView, now: datetime, sourc
         apply_changes(conn, wf, changes, now)
     ready = mark_dispatched(conn, _undispatched_children(conn, ev.workflow_id, ev.step), now)
     return Consumed(ev, "consumed", ready, tuple(changes.released + changes.cancelled))
+
+
+def _outcome_row_exists(conn: Connection, ev: CompletionEventView) -> bool:
+    a = t.attempts
+    return (
+        conn.execute(
+            select(a.c.attempt).where(
+                a.c.workflow_id == ev.workflow_id, a.c.step == ev.step, a.c.attempt == ev.attempt
+            )
+        ).first()
+        is not None
+    )
 
 
 def _undispatched_children(conn: Connection, workflow_id: str, parent: str) -> list[ReadyStep]:

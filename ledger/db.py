@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, select, update
+from sqlalchemy import Connection, Engine, create_engine, event, func, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -95,6 +95,17 @@ def read(repo: Repo) -> Iterator[Connection]:
             yield conn
         return
     yield repo
+
+
+def lock_event(conn: Connection, key: str) -> None:
+    """Serialise, until the transaction ends, everyone accounting for the completion event
+    `key` (consumers and the reconciler) without locking its workflow, which the workers
+    need at the same moment. PostgreSQL: a transaction-level advisory lock on the key's
+    hash (a collision only serialises two unrelated events). SQLite: every write
+    transaction already holds the database lock.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_advisory_xact_lock(func.hashtext(key))))
 
 
 def lock_workflow(conn: Connection, workflow_id: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from sqlalchemy import Connection, String, and_, cast, exists, insert, select, u
 
 from ledger import tables as t
 from ledger.callback_jobs import undispatch_all_callbacks
-from ledger.db import lock_workflow
+from ledger.db import lock_event, lock_workflow
 from ledger.evidence import record_evidence
 from ledger.model import ReadyStep
 from ledger.recoveries import record_recovery
@@ -115,6 +115,9 @@ def repair_dropped_event(
     """Declare one event dropped (once: the unique index on accounted events and the
     workflow lock see to it) and apply whatever it would have applied."""
     key = f"{workflow_id}:{step}:{attempt}:{status}"
+    # The event's lock first, as consumers take it: so a consumer accounting for this
+    # very event right now finishes (or waits) and the lookup below sees its row.
+    lock_event(conn, key)
     wf = lock_workflow(conn, workflow_id)
     e = t.evidence
     already = conn.execute(
