@@ -107,6 +107,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="Use this Redis instead of starting one (its command counts then "
         "include anyone else's traffic).",
     )
+    p.add_argument(
+        "--render",
+        metavar="DIR",
+        default=None,
+        help="Only rewrite DIR/results.md and results.png from DIR/results.json.",
+    )
     args = p.parse_args(argv)
     for name, allowed in (("only", WORKLOADS), ("systems", SYSTEMS)):
         chosen = [x.strip() for x in getattr(args, name).split(",") if x.strip()]
@@ -137,13 +143,15 @@ def _make(name: str, ctx: Ctx) -> System:
 
 def _samples(runs: list[Any]) -> dict[str, list[float]]:
     return {
-        "latencies_ms": [round(v, 3) for r in runs for v in r.outcome.latencies_ms],
-        "hops_ms": [round(v, 3) for r in runs for v in r.outcome.hops_ms],
+        "latencies_ms": [round(v, 2) for r in runs for v in r.outcome.latencies_ms],
+        "hops_ms": [round(v, 2) for r in runs for v in r.outcome.hops_ms],
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.render:
+        return render(Path(args.render))
     quick = bool(args.quick)
     sizes = QUICK if quick else FULL
     repeats = args.repeats or sizes.repeats
@@ -267,6 +275,20 @@ def main(argv: list[str] | None = None) -> int:
     if failures:
         console.print(f"[red]{len(failures)} run(s) failed[/]; see results.json meta.failures")
         return 1
+    return 0
+
+
+def render(out: Path) -> int:
+    import json
+
+    source = out / "results.json"
+    if not source.exists():
+        print(f"no results.json in {out}", file=sys.stderr)
+        return 2
+    results = json.loads(source.read_text())
+    report.write_markdown(results, out)
+    report.write_plot(results, out)
+    print(f"wrote {out}/results.md, results.png", file=sys.stderr)
     return 0
 
 

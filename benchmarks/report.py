@@ -99,14 +99,21 @@ def markdown(results: dict[str, Any]) -> str:
         ("redis_rt_p99_ms", "... p99 ms"),
     ):
         fig = phys.get(key, {})
-        lines.append(f"| {label} | {_fmt(fig.get('median'))} | {_cell(fig)} |")
+        spread = f"{_fmt(fig.get('min'))}-{_fmt(fig.get('max'))}" if fig.get("runs", 0) > 1 else ""
+        lines.append(f"| {label} | {_fmt(fig.get('median'))} | {spread} |")
     lines += ["", "## Systems", "", "| system | version | durability |", "|---|---|---|"]
     for name, s in results["systems"].items():
         lines.append(f"| {name} | {s['version']} | {s['durability']} |")
     order = list(results["workload_titles"])
     main_keys = [k for k in FIGURE_KEYS if k not in ("max_submit_lag_ms", "wrong_results")]
     for w in order:
-        lines += ["", f"## {results['workload_titles'][w]}", ""]
+        lines += ["", f"## {_title(results, w)}", ""]
+        if w.startswith("w4@"):
+            offered = ", ".join(f"{name} {rate:.1f}" for name, rate in _offered(results, w).items())
+            lines += [
+                f"Offered workflows/s (the load x the system's median W1 workflows/s): {offered}.",
+                "",
+            ]
         lines.append("| figure | " + " | ".join(results["systems"]) + " |")
         lines.append("|---|" + "---:|" * len(results["systems"]))
         for key in [*main_keys, "max_submit_lag_ms", "wrong_results"]:
@@ -130,6 +137,22 @@ def markdown(results: dict[str, Any]) -> str:
         ]
     lines += ["", "## How to read this", "", *results["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _title(results: dict[str, Any], w: str) -> str:
+    if w.startswith("w4@"):  # each system runs at its own rate: no one rate in the title
+        return f"W4 open loop at {w[3:]} of each system's own W1 maximum"
+    return str(results["workload_titles"][w])
+
+
+def _offered(results: dict[str, Any], w: str) -> dict[str, float]:
+    load = float(w[3:].rstrip("%")) / 100
+    out = {}
+    for name, s in results["systems"].items():
+        w1 = s["workloads"].get("w1", {}).get("figures", {}).get("workflows_per_s", {})
+        if w in s["workloads"] and w1.get("median"):
+            out[name] = load * w1["median"]
+    return out
 
 
 def write_markdown(results: dict[str, Any], out: Path) -> Path:

@@ -68,7 +68,7 @@ class Workload:
             rate=rate,
             load=load,
             workflows=max(2, round(rate * seconds)),
-            title=f"W4 open loop at {load:.0%} of W1's max ({rate:.1f} workflows/s)",
+            title=f"W4 open loop at {load:.0%} of each system's own W1 maximum",
         )
 
 
