@@ -413,9 +413,30 @@ def _meta(
             "redis_py": redis_py.__version__,
         },
         "note": os.environ.get("BENCH_NOTE", ""),
+        "git": _git(),
         "failures": failures,
         "elapsed_s": round(time.time() - started.timestamp(), 1),
     }
+
+
+def _git() -> dict[str, Any]:
+    """The commit measured, and whether the working tree differed from it (others' work
+    in progress is measured too when it did)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "streamflow", "ledger"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": head, "uncommitted_engine_files": [d[3:] for d in dirty if d.strip()]}
 
 
 def argv_is_cli() -> bool:

@@ -14,8 +14,10 @@ ptrace permission.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from collections import Counter
@@ -40,6 +42,9 @@ LAYERS = (
 )
 
 
+_LINE = re.compile(r":\d+\)$")
+
+
 def _layer(frame: str) -> str:
     for name, needles in LAYERS:
         if any(n in frame for n in needles):
@@ -61,8 +66,9 @@ def summarise(path: Path, top: int = 25) -> str:
         frames = stack.split(";")
         total += count
         layers[_layer(frames[-1])] += count
-        for frame in set(frames):
-            inclusive[frame] += count
+        # a function once per stack, whatever line of it was sampled
+        for function in {_LINE.sub(")", f) for f in frames}:
+            inclusive[function] += count
     if not total:
         return f"{path.name}: no samples"
     lines = [f"{path.name}: {total} samples", "", "| layer (leaf frame) | share |", "|---|---:|"]
@@ -71,7 +77,7 @@ def summarise(path: Path, top: int = 25) -> str:
     lines += ["", "| function (inclusive) | share |", "|---|---:|"]
     shown = 0
     for frame, n in inclusive.most_common():
-        if "/streamflow/" not in frame and "/ledger/" not in frame:
+        if "(streamflow/" not in frame and "(ledger/" not in frame:
             continue  # our own code: the rest is reachable from it
         lines.append(f"| `{frame}` | {n / total:.0%} |")
         shown += 1
@@ -86,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--database-url", default=DEFAULT_PG)
     p.add_argument("--out", default="benchmarks/results/profile")
     args = p.parse_args(argv)
-    if shutil.which("py-spy") is None:
+    beside = Path(sys.executable).parent / "py-spy"  # the venv's, even when not on PATH
+    pyspy = str(beside) if beside.exists() else shutil.which("py-spy")
+    if pyspy is None:
         p.error("py-spy is not installed: pip install -e '.[bench]'")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                     (system.consumer, "consume", False),
                 ):
                     cmd = [
-                        "py-spy",
+                        pyspy,
                         "record",
                         "--pid",
                         str(proc.pid),
@@ -143,12 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     steps = workload.steps
     print(f"W1 x {args.workflows}: {steps / fig.outcome.wall_s:.0f} steps/s while profiled\n")
+    print_summaries(out)
+    return 0
+
+
+def print_summaries(out: Path) -> None:
     for name in ("worker", "worker-idle", "consume"):
         path = out / f"{name}.txt"
         if path.exists():
             print(summarise(path))
             print()
-    return 0
 
 
 if __name__ == "__main__":

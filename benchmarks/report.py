@@ -69,6 +69,14 @@ def markdown(results: dict[str, Any]) -> str:
         f"Command: `{meta['command']}`.",
         "",
     ]
+    git = meta.get("git") or {}
+    if git.get("commit"):
+        dirty = git.get("uncommitted_engine_files") or []
+        lines += [
+            f"Code measured: commit `{git['commit']}`"
+            + (f" plus uncommitted changes to {', '.join(dirty)}." if dirty else "."),
+            "",
+        ]
     if meta.get("note"):
         lines += [f"> {meta['note']}", ""]
     lines += [
