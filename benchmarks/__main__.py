@@ -15,6 +15,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -150,6 +151,8 @@ def _samples(runs: list[Any]) -> dict[str, list[float]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    # SIGTERM unwinds like Ctrl-C: scratch databases dropped, child processes stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.render:
         return render(Path(args.render))
     quick = bool(args.quick)
@@ -195,7 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with disposable_redis(args.redis_url) as redis, progress:
             task = progress.add_task("physical limits", total=total)
-            ctx = Ctx(pg, args.database_url, redis, workdir, concurrency=args.concurrency)
+            ctx = Ctx(
+                pg,
+                args.database_url,
+                redis,
+                workdir,
+                concurrency=args.concurrency,
+                settle_seconds=0.0 if quick else 1.1,
+            )
             phys_seconds = 1.0 if quick else 10.0
             phys_runs = [
                 physical.measure_all(
@@ -316,7 +326,9 @@ def _open_loop(
     base: list[Workload],
 ) -> dict[str, list[Workload]]:
     """W4 per system: arrivals at each load x that system's own median W1 workflows/s."""
-    w1 = next(w for w in base if w.key == "w1")
+    w1 = next((w for w in base if w.key == "w1"), None)
+    if w1 is None:  # W4 not asked for
+        return {}
     plan: dict[str, list[Workload]] = {}
     for name in systems:
         done = runs.get((name, "w1"), [])

@@ -39,6 +39,10 @@ class Ctx:
     workdir: Path
     concurrency: int = 4
     timeout: float = 300.0
+    #: Wait this long between "ready" and the first counter reading: a PostgreSQL backend
+    #: flushes its counters up to 1 s after its last transaction, so start-up commits
+    #: would otherwise land inside the run.
+    settle_seconds: float = 0.0
 
 
 class Proc:
@@ -179,6 +183,7 @@ def measure(system: System, workload: Workload, run_dir: Path) -> RunFigures:
     try:
         system.start(workload, timing)
         started = True
+        time.sleep(ctx.settle_seconds)
         sampler = Sampler(groups, rss_groups=["system"])
         commits_before = ctx.pg.commits(database) if database else None
         commands_before = ctx.redis.commands_processed() if system.redis_db is not None else None
