@@ -89,9 +89,16 @@ class Maintenance:
         """One pass; True if it found work (so the next pass comes at once)."""
         now = time.monotonic()
         batch = self.config.batch
-        promoted = in_transaction(self.engine, lambda c: promote_due_retries(c, utcnow(), batch))
+        # One transaction for both: a pass costs one commit, and it runs ten times a second
+        # whether or not there is work.
+        promoted, ready = in_transaction(
+            self.engine,
+            lambda c: (
+                promote_due_retries(c, utcnow(), batch),
+                dispatch_undispatched(c, utcnow(), batch),
+            ),
+        )
         self.stats.retries_promoted += len(promoted)
-        ready = in_transaction(self.engine, lambda c: dispatch_undispatched(c, utcnow(), batch))
         self._publish(ready)
         self.stats.dispatched += len(ready)
         found = len(ready) >= batch or bool(promoted)

@@ -161,9 +161,14 @@ def test_run_serves_counters_and_histograms_without_ids(
         engine.dispose()
 
     def scraped() -> Samples | None:
+        # Completion events are accounted for after the workflows finish (the consumer
+        # gathers them into batches), so wait for that too rather than race it.
         s = scrape(url)
         done = total(s, "streamflow_workflow_workflow_finished_total", workflow_name=name)
-        return s if done == 3 else None
+        consumed = total(
+            s, "streamflow_workflow_evidence_recorded_total", classification="consumed"
+        )
+        return s if done == 3 and consumed > 0 else None
 
     samples = wait_for(scraped, 15, "the finished workflows in the metrics")
     s = samples
