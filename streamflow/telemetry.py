@@ -124,7 +124,9 @@ ALLOWED_METADATA: Final[Mapping[str, frozenset[str] | frozenset[int] | None]] = 
     # Explain's blocker codes (ledger.blockers.Blocker).
     "blocker_code": frozenset(b.value for b in Blocker),
     # Which part of Streamflow made the change.
-    "source": frozenset({"api", "worker", "consumer", "reconciler", "maintenance", "operator"}),
+    "source": frozenset(
+        {"api", "worker", "consumer", "reconciler", "maintenance", "operator", "cli", "dashboard"}
+    ),
     "semantics_version": frozenset({SEMANTICS_VERSION}),
     # What the reconciler (or a consumer) repaired (recoveries.repair).
     "repair": frozenset(

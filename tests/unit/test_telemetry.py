@@ -497,3 +497,17 @@ def test_exporter_counts_events_and_caps_open_labels(strict: None, sqlite_engine
     ]
     assert len(finished) == 2
     assert any(n == "streamflow_workflow_duration_seconds_count" for n, _ in samples)
+
+
+def test_the_cli_and_the_dashboard_are_allowed_sources() -> None:
+    # `streamflow signal` reports source="cli"; it was once missing from the allow-list, so
+    # the event lost its source and a violation was recorded.
+    telemetry.violations()  # drain earlier tests' state
+    recorded: list[tuple[object, object, object]] = []
+    handle = telemetry.attach(lambda e, m, md: recorded.append((e, m, md)))
+    try:
+        for source in ("cli", "dashboard"):
+            telemetry.signal_recorded(workflow_name="w", classification="consumed", source=source)
+    finally:
+        telemetry.detach(handle)
+    assert [md["source"] for _, _, md in recorded] == ["cli", "dashboard"]  # type: ignore[index]
