@@ -91,28 +91,29 @@ class GroupCommitter:
         request: _Request[T] = _Request(work, order_key)
         with self._changed:
             self._queue.append(request)
-            while not request.done and self._leading:
-                self._changed.wait()
-            if request.done:
-                return self._outcome(request)
-            # Nobody is committing: lead a group made of everything queued so far.
-            self._leading = True
-            group = self._queue[: self.max_group]
-            del self._queue[: self.max_group]
-        try:
-            self._commit(group)
-        except BaseException as exc:
-            # Infrastructure trouble that outlasted the retries: every member learns it.
-            for member in group:
-                if not member.done:
-                    member.error, member.done = exc, True
-        finally:
+        while True:
             with self._changed:
-                self._leading = False
-                self._changed.notify_all()
-        if not request.done:  # pragma: no cover - the leader's group always holds its own
-            raise AssertionError("group commit lost the leader's own operation")
-        return self._outcome(request)
+                while not request.done and self._leading:
+                    self._changed.wait()
+                if request.done:
+                    return self._outcome(request)
+                # Nobody is committing: lead a group of the oldest queued operations. If
+                # more than `max_group` are queued ours may not be among them; then we
+                # lead again once this group is done, until it is.
+                self._leading = True
+                group = self._queue[: self.max_group]
+                del self._queue[: self.max_group]
+            try:
+                self._commit(group)
+            except BaseException as exc:
+                # Infrastructure trouble that outlasted the retries: every member learns it.
+                for member in group:
+                    if not member.done:
+                        member.error, member.done = exc, True
+            finally:
+                with self._changed:
+                    self._leading = False
+                    self._changed.notify_all()
 
     @staticmethod
     def _outcome(request: _Request[T]) -> T:

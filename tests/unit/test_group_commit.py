@@ -13,7 +13,7 @@ from sqlalchemy import Column, Connection, Engine, Integer, MetaData, String, Ta
 from sqlalchemy.exc import OperationalError
 
 from ledger.db import make_engine
-from streamflow.engine.group_commit import GroupCommitter
+from streamflow.engine.group_commit import GroupCommitter, _Request
 
 metadata = MetaData()
 rows = Table("rows", metadata, Column("id", Integer, primary_key=True), Column("who", String))
@@ -177,3 +177,18 @@ def test_max_group_bounds_a_group(db: Engine) -> None:
 def test_max_group_must_be_positive(db: Engine) -> None:
     with pytest.raises(ValueError, match="max_group"):
         GroupCommitter(db, max_group=0)
+
+
+def test_a_leader_whose_operation_is_not_in_the_first_group_leads_until_it_is_done(
+    db: Engine,
+) -> None:
+    # More operations queued than one group takes, and ours last: whoever leads commits
+    # the oldest first, then leads again. (Once, the leader gave up after one group and
+    # its own operation was reported lost.)
+    gc = GroupCommitter(db, max_group=2)
+    others = [_Request(_insert(f"o{i}"), order_key=f"o{i}") for i in range(3)]
+    gc._queue.extend(others)
+    assert gc.run(_insert("me"), order_key="me") == "done:me"
+    assert [(o.done, o.result) for o in others] == [(True, f"done:o{i}") for i in range(3)]
+    assert _stored(db) == ["me", "o0", "o1", "o2"]
+    assert (gc.stats.operations, gc.stats.commits) == (4, 2)
