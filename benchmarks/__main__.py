@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True)
     started = datetime.now(UTC)
+    git = _git()  # now: others may commit while the suite runs
     base = [w for w in workloads(sizes) if w.key in args.only]
     # W4 needs W1's maximum: measure W1 even if only W4 was asked for
     if "w4" in args.only and not any(w.key == "w1" for w in base):
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     add_ratios(
         results["systems"], (results["physical"]["median"].get("pgbench_tps") or {}).get("median")
     )
-    results["meta"] = _meta(args, quick, repeats, started, failures)
+    results["meta"] = _meta(args, quick, repeats, started, failures) | {"git": git}
     results["notes"] = NOTES
     results["targets"] = targets.evaluate(results)
     report.write_json(results, out)

@@ -82,6 +82,10 @@ def add_ratios(systems: dict[str, Any], pgbench_tps: float | None) -> None:
             mine = medians[name]
             others = [v for n, v in medians.items() if n != name and v]
             figures = s["workloads"][w]["figures"]
+            if w.startswith("w4"):  # open loop: steps/s is the offered load, not a speed
+                figures["ratio_vs_best_peer"] = spread([])
+                figures["ratio_vs_pgbench"] = spread([])
+                continue
             ratio = mine / max(others) if others and mine is not None else None
             figures["ratio_vs_best_peer"] = {"median": ratio, "min": None, "max": None, "runs": 1}
             vs_pg = mine / pgbench_tps if pgbench_tps and mine is not None else None
