@@ -90,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workflows", type=int, default=1500)
     p.add_argument("--database-url", default=DEFAULT_PG)
-    p.add_argument("--out", default="benchmarks/results/profile")
+    p.add_argument(
+        "--out",
+        default=str(Path(tempfile.gettempdir()) / "streamflow-profile"),
+        help="Where the collapsed stacks go (megabytes: not for the repository).",
+    )
     args = p.parse_args(argv)
     beside = Path(sys.executable).parent / "py-spy"  # the venv's, even when not on PATH
     pyspy = str(beside) if beside.exists() else shutil.which("py-spy")
