@@ -97,6 +97,18 @@ def read(repo: Repo) -> Iterator[Connection]:
     yield repo
 
 
+#: The PostgreSQL channel that wakes the dispatcher (`streamflow.engine.maintenance`).
+DISPATCH_CHANNEL = "streamflow_dispatch"
+
+
+def notify_dispatcher(conn: Connection) -> None:
+    """Wake the dispatcher: steps became available that nobody dispatched. PostgreSQL
+    delivers a NOTIFY sent inside a transaction only when it commits, so the dispatcher
+    never looks before the rows are there. A no-op on SQLite (the dispatcher polls)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_notify(DISPATCH_CHANNEL, "")))
+
+
 def lock_event(conn: Connection, key: str) -> None:
     """Serialise, until the transaction ends, everyone accounting for the completion event
     `key` (consumers and the reconciler) without locking its workflow, which the workers

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Connection, insert
 
 from ledger import tables as t
+from ledger.db import notify_dispatcher
 from ledger.ids import new_workflow_id
 from ledger.model import StepDefinition, WorkflowDefinition
 from ledger.rules import SEMANTICS_VERSION, AwaitState, StepState, await_deadline
@@ -42,6 +43,8 @@ def insert_workflow(
             on_finish=definition.on_finish.to_json() if definition.on_finish else None,
         )
     )
+    if roots:
+        notify_dispatcher(conn)
     conn.execute(
         insert(t.steps),
         [

@@ -13,7 +13,7 @@ from sqlalchemy import Connection, insert, select, update
 
 from ledger import tables as t
 from ledger.callbacks import enqueue_callback
-from ledger.db import lock_workflow
+from ledger.db import lock_workflow, notify_dispatcher
 from ledger.errors import InvalidCompletionError
 from ledger.evidence import record_evidence
 from ledger.jsonsafe import json_problems
@@ -186,6 +186,8 @@ def complete_step(
     ready: tuple[ReadyStep, ...] = ()
     if dispatch and changes.ready:
         ready = mark_dispatched(conn, changes.ready, now)
+    elif changes.ready:
+        notify_dispatcher(conn)  # released children for the dispatcher to publish
     outcome = apply_changes(conn, wf, changes, now)
     return CompletionResult(
         workflow_id=workflow_id,

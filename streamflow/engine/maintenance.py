@@ -1,10 +1,12 @@
 """The maintenance loop: the dispatcher, in the consumer process.
 
-Every `poll_seconds` it moves due retries back to `available` and publishes every
-available step nobody dispatched (new roots, API completions, retries). Less often it
-trims the streams below what every group has acknowledged. Each query reads one partial
-index, so an idle pass costs next to nothing. Repairs — expired leases, lost messages,
-dropped events — are the reconciler's (`streamflow.reconciler`), which runs beside it.
+Woken by PostgreSQL NOTIFY when a commit left steps to dispatch (see
+`streamflow.engine.wakeup`), and every `poll_seconds` regardless, it moves due retries
+back to `available` and publishes every available step nobody dispatched (new roots, API
+completions, retries). Less often it trims the streams below what every group has
+acknowledged. Each query reads one partial index, so an idle pass costs next to nothing.
+Repairs — expired leases, lost messages, dropped events — are the reconciler's
+(`streamflow.reconciler`), which runs beside it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ledger.sweeps import (
 from ledger.transitions import unmark_dispatched
 from streamflow.engine.common import in_transaction, ready_messages, utcnow
 from streamflow.engine.retrying import is_transient
+from streamflow.engine.wakeup import DispatchWakeup
 from streamflow.logs import log_event
 from streamflow.streams.keys import StreamKeys
 from streamflow.streams.publisher import Publisher
@@ -68,21 +71,29 @@ class Maintenance:
 
     def __post_init__(self) -> None:
         self.publisher = Publisher(self.transport, self.keys)
+        #: Set while `run` runs (tests wait for it to listen).
+        self.wakeup: DispatchWakeup | None = None
         self._trim = _Timer(self.config.trim_seconds)
 
     def run(self, stop: threading.Event) -> None:
+        wakeup = self.wakeup = DispatchWakeup(self.engine, stop)
         log_event("maintenance.started", poll_seconds=self.config.poll_seconds)
-        while not stop.is_set():
-            try:
-                busy = self.tick()
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                log_event("maintenance.unavailable", logging.WARNING, error=str(exc)[:200])
-                stop.wait(1.0)
-                continue
-            if not busy:
-                stop.wait(self.config.poll_seconds)
+        try:
+            while not stop.is_set():
+                try:
+                    busy = self.tick()
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    log_event("maintenance.unavailable", logging.WARNING, error=str(exc)[:200])
+                    stop.wait(1.0)
+                    continue
+                if not busy:
+                    # Woken at once by a commit that left steps to dispatch; the poll
+                    # interval is the fallback.
+                    wakeup.wait(self.config.poll_seconds)
+        finally:
+            wakeup.close()
         log_event("maintenance.stopped", **vars(self.stats))
 
     def tick(self) -> bool:

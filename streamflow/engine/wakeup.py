@@ -1,0 +1,106 @@
+"""Waking the dispatcher when the ledger has something for it (PostgreSQL LISTEN/NOTIFY).
+
+A new workflow's first steps, and children released outside the engine (the API's
+`complete_step`), are published by the dispatcher. Polling alone puts its whole interval
+(100 ms) on every such step's latency. The ledger sends `NOTIFY streamflow_dispatch`
+inside the writing transaction (`ledger.db.notify_dispatcher`), which PostgreSQL delivers
+only on commit; the dispatcher waits on it, with the poll interval as its timeout, so a
+lost notification, a restarted server or SQLite (no NOTIFY) costs at most one interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import psycopg
+from sqlalchemy import Engine
+
+from ledger.db import DISPATCH_CHANNEL
+from streamflow.logs import log_event
+
+#: After the listening connection failed, try again no sooner than this.
+_RECONNECT_SECONDS = 5.0
+#: How often a long wait looks at the stop request.
+_STOP_CHECK_SECONDS = 0.5
+
+
+class DispatchWakeup:
+    """`wait(timeout)`: until notified, the timeout passes, or `stop` is set."""
+
+    def __init__(self, engine: Engine, stop: threading.Event) -> None:
+        self.stop = stop
+        self._conninfo: dict[str, object] | None = None
+        if engine.dialect.name == "postgresql":
+            self._conninfo = dict(
+                engine.url.translate_connect_args(username="user", database="dbname")
+            )
+            self._conninfo.update(engine.url.query)
+        self._conn: psycopg.Connection[tuple[object, ...]] | None = None
+        self._retry_at = 0.0
+
+    @property
+    def listening(self) -> bool:
+        return self._conn is not None
+
+    def wait(self, timeout: float) -> bool:
+        """True when woken by a notification, False after the timeout (or on stop)."""
+        conn = self._connection()
+        if conn is None:
+            self.stop.wait(timeout)
+            return False
+        deadline = time.monotonic() + timeout
+        try:
+            # In slices, so a stop request is seen within one.
+            while not self.stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                if self._notified(conn, min(left, _STOP_CHECK_SECONDS)):
+                    # Many commits may have notified at once: one pass serves them all.
+                    while self._notified(conn, 0.001):
+                        pass
+                    return True
+        except psycopg.Error as exc:
+            self._lost(exc)
+        return False
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _connection(self) -> psycopg.Connection[tuple[object, ...]] | None:
+        if self._conn is not None or self._conninfo is None:
+            return self._conn
+        if time.monotonic() < self._retry_at:
+            return None
+        try:
+            conn = psycopg.connect(autocommit=True, **self._conninfo)  # type: ignore[arg-type]
+            conn.execute(f"LISTEN {DISPATCH_CHANNEL}")
+        except psycopg.Error as exc:
+            self._lost(exc)
+            return None
+        self._conn = conn
+        return conn
+
+    @staticmethod
+    def _notified(conn: psycopg.Connection[tuple[object, ...]], timeout: float) -> bool:
+        # The generator holds the connection's lock until it is closed: close it before
+        # anything else uses the connection. (A timeout of 0 would mean "none" to psycopg.)
+        gen = conn.notifies(timeout=timeout)
+        try:
+            return next(gen, None) is not None
+        finally:
+            gen.close()
+
+    def _lost(self, exc: BaseException) -> None:
+        log_event(
+            "maintenance.listen_unavailable",
+            logging.WARNING,
+            error=str(exc)[:200],
+            fallback="polling",
+        )
+        self.close()
+        self._retry_at = time.monotonic() + _RECONNECT_SECONDS
