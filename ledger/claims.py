@@ -101,9 +101,20 @@ def claim_step(
     `replayed` evidence so the stale message is not invisible.
     """
     wf = lock_workflow(conn, workflow_id)
-    s = t.steps
+    s, a, sg = t.steps, t.awaits, t.signals
+    # The payload of the signal that released it (for a step that awaited one), read with
+    # the row: one round trip fewer on every claim.
+    signal_payload = (
+        select(sg.c.payload)
+        .join(a, a.c.signal_id == sg.c.id)
+        .where(a.c.workflow_id == s.c.workflow_id, a.c.step == s.c.name)
+        .scalar_subquery()
+        .label("released_by_signal")
+    )
     row = (
-        conn.execute(select(s).where(s.c.workflow_id == workflow_id, s.c.name == step))
+        conn.execute(
+            select(s, signal_payload).where(s.c.workflow_id == workflow_id, s.c.name == step)
+        )
         .mappings()
         .first()
     )
@@ -159,34 +170,18 @@ def claim_step(
     apply_changes(conn, wf, changes, now)
 
     deps = referenced_steps(row["args"])
-    results: dict[str, Any] = {}
-    parents = (
-        conn.execute(
-            select(t.edges.c.parent).where(
-                t.edges.c.workflow_id == workflow_id, t.edges.c.child == step
-            )
+    # The stored results of the step's parents, in one statement.
+    r, e = t.results, t.edges
+    results: dict[str, Any] = {
+        x.step: x.payload
+        for x in conn.execute(
+            select(r.c.step, r.c.payload)
+            .join(e, (e.c.workflow_id == r.c.workflow_id) & (e.c.parent == r.c.step))
+            .where(e.c.workflow_id == workflow_id, e.c.child == step)
         )
-        .scalars()
-        .all()
-    )
-    if parents:
-        r = t.results
-        results = {
-            x.step: x.payload
-            for x in conn.execute(
-                select(r.c.step, r.c.payload).where(
-                    r.c.workflow_id == workflow_id, r.c.step.in_(list(parents))
-                )
-            )
-        }
+    }
     args, _missing = resolve(row["args"], results) if deps else (row["args"], [])
-    # The payload of the signal that released it, for a step that awaited one.
-    a, sg = t.awaits, t.signals
-    signal = conn.execute(
-        select(sg.c.payload)
-        .join(a, a.c.signal_id == sg.c.id)
-        .where(a.c.workflow_id == workflow_id, a.c.step == step)
-    ).scalar()
+    signal = row["released_by_signal"]
     return Claim(
         workflow_id=workflow_id,
         workflow_name=wf["name"],

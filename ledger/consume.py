@@ -79,19 +79,29 @@ def _consume_one(conn: Connection, ev: CompletionEventView, now: datetime, sourc
         )
         return Consumed(ev, classification)
 
-    w, s, e = t.workflows, t.steps, t.evidence
-    exists = conn.execute(select(w.c.id).where(w.c.id == ev.workflow_id)).first()
-    if exists is None:
-        return keep("unmatched", "no_such_workflow")
-    # Not the workflow lock (yet): the workers recording this workflow's next outcomes
-    # need it now, and a consumer batch holding it would stall them. Accounting for one
-    # event needs only that nobody else accounts for the same event meanwhile.
-    lock_event(conn, ev.idempotency_key)
+    w, s, e, a = t.workflows, t.steps, t.evidence, t.attempts
+    # The workflow, the step and the outcome row the event names, in one statement.
     row = conn.execute(
-        select(s.c.state, s.c.attempt).where(s.c.workflow_id == ev.workflow_id, s.c.name == ev.step)
+        select(w.c.id, s.c.state, s.c.attempt, a.c.attempt.label("outcome_attempt"))
+        .select_from(
+            w.outerjoin(s, (s.c.workflow_id == w.c.id) & (s.c.name == ev.step)).outerjoin(
+                a,
+                (a.c.workflow_id == s.c.workflow_id)
+                & (a.c.step == s.c.name)
+                & (a.c.attempt == ev.attempt),
+            )
+        )
+        .where(w.c.id == ev.workflow_id)
     ).first()
     if row is None:
+        return keep("unmatched", "no_such_workflow")
+    if row.state is None:
         return keep("unmatched", "no_such_step")
+    # Not the workflow lock (yet): the workers recording this workflow's next outcomes
+    # need it now, and a consumer batch holding it would stall them. Accounting for one
+    # event needs only that nobody else accounts for the same event meanwhile. (The
+    # step's row may be read before this lock: consumers never change it.)
+    lock_event(conn, ev.idempotency_key)
     accounted = conn.execute(
         select(e.c.classification).where(
             e.c.workflow_id == ev.workflow_id,
@@ -122,7 +132,7 @@ def _consume_one(conn: Connection, ev: CompletionEventView, now: datetime, sourc
     )
     if StepState(row.state) not in TERMINAL_STATES:
         return Consumed(ev, "consumed")
-    if row.attempt == ev.attempt and _outcome_row_exists(conn, ev):
+    if row.attempt == ev.attempt and row.outcome_attempt is not None:
         # The step's latest outcome has its attempt row, and `complete_step` (like a
         # workflow cancel) writes that row in the same transaction as the release: the row
         # is proof the release was applied, so neither the walk over the children nor the
@@ -151,18 +161,6 @@ def _consume_one(conn: Connection, ev: CompletionEventView, now: datetime, sourc
         apply_changes(conn, wf, changes, now)
     ready = mark_dispatched(conn, _undispatched_children(conn, ev.workflow_id, ev.step), now)
     return Consumed(ev, "consumed", ready, tuple(changes.released + changes.cancelled))
-
-
-def _outcome_row_exists(conn: Connection, ev: CompletionEventView) -> bool:
-    a = t.attempts
-    return (
-        conn.execute(
-            select(a.c.attempt).where(
-                a.c.workflow_id == ev.workflow_id, a.c.step == ev.step, a.c.attempt == ev.attempt
-            )
-        ).first()
-        is not None
-    )
 
 
 def _undispatched_children(conn: Connection, workflow_id: str, parent: str) -> list[ReadyStep]:
