@@ -483,6 +483,14 @@ LeaseOption = Annotated[
         "before the step is rescued (renewed every third of it).",
     ),
 ]
+HandOffOption = Annotated[
+    bool,
+    typer.Option(
+        "--hand-off/--no-hand-off",
+        help="Run a child the finished step released next, on the same thread, claimed in the "
+        "same commit (no ready message). --no-hand-off sends every child through its queue.",
+    ),
+]
 DrainOption = Annotated[
     float,
     typer.Option(
@@ -640,6 +648,7 @@ def worker(
     apps: AppOption = None,
     lease_seconds: LeaseOption = 30.0,
     drain_seconds: DrainOption = 30.0,
+    hand_off: HandOffOption = True,
     database_url: DatabaseUrlOption = None,
     redis_url: RedisUrlOption = None,
     partitions: PartitionsOption = None,
@@ -660,6 +669,7 @@ def worker(
         apps=tuple(apps or ()),
         lease_seconds=lease_seconds,
         drain_seconds=drain_seconds,
+        hand_off=hand_off,
     )
     raise typer.Exit(
         _start_engine(
@@ -726,6 +736,7 @@ def run(
     apps: AppOption = None,
     lease_seconds: LeaseOption = 30.0,
     drain_seconds: DrainOption = 30.0,
+    hand_off: HandOffOption = True,
     database_url: DatabaseUrlOption = None,
     redis_url: RedisUrlOption = None,
     partitions: PartitionsOption = None,
@@ -752,6 +763,7 @@ def run(
         drain_seconds=drain_seconds,
         redispatch_after_seconds=redispatch_after,
         reconcile_every=reconcile_every,
+        hand_off=hand_off,
     )
     raise typer.Exit(
         _start_engine(

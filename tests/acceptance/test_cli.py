@@ -275,16 +275,23 @@ def test_demo_on_the_embedded_database_refuses_a_redis_url(tmp_path: Path) -> No
 # -- `streamflow run` on the embedded default --------------------------------------------
 
 
-def test_run_executes_a_workflow_on_the_embedded_default(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("flags", "handed_off"), [([], 2), (["--no-hand-off"], 0)], ids=["hand-off", "no-hand-off"]
+)
+def test_run_executes_a_workflow_on_the_embedded_default(
+    tmp_path: Path, flags: list[str], handed_off: int
+) -> None:
     """`streamflow run` with no URLs at all: the SQLite file in its working directory and
     an in-process stream. A workflow inserted with the library runs to completion, and
-    SIGTERM stops the process cleanly."""
+    SIGTERM stops the process cleanly. With hand-off (the default) the chain's b and c
+    run on the thread that released them; with --no-hand-off every step goes through the
+    ready stream."""
     engine = make_engine(f"sqlite:///{tmp_path / 'streamflow.db'}")
     # Migrated before the process starts, so two first-time migrations cannot race.
     upgrade(engine)
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMFLOW_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    args = ["run", "--app", "tests.engine_app", "--queues", "default"]
+    args = ["run", "--app", "tests.engine_app", "--queues", "default", *flags]
     log_path = tmp_path / "run.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -332,6 +339,7 @@ def test_run_executes_a_workflow_on_the_embedded_default(tmp_path: Path) -> None
     assert "Using an in-process stream" in output
     events = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert [e["failed"] for e in events if e["event"] == "process.stopped"] == [[]]
+    assert [e["handed_off"] for e in events if e["event"] == "worker.stopped"] == [handed_off]
 
 
 # -- help --------------------------------------------------------------------------------
