@@ -13,7 +13,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    String,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -97,8 +107,17 @@ def read(repo: Repo) -> Iterator[Connection]:
     yield repo
 
 
+# The hot path's statements are built once: building a Core construct per call costs
+# about as much CPU as executing it (SQLAlchemy memoises a prebuilt statement's cache key).
+_w = t.workflows
+_READ_WORKFLOW = select(_w).where(_w.c.id == bindparam("b_id"))
+_LOCK_WORKFLOW = _READ_WORKFLOW.with_for_update()
+_TOUCH_WORKFLOW = update(_w).where(_w.c.id == bindparam("b_id")).values(updated_at=_w.c.updated_at)
+_LOCK_EVENT = select(func.pg_advisory_xact_lock(func.hashtext(bindparam("b_key", type_=String))))
+
 #: The PostgreSQL channel that wakes the dispatcher (`streamflow.engine.maintenance`).
 DISPATCH_CHANNEL = "streamflow_dispatch"
+_NOTIFY = select(func.pg_notify(DISPATCH_CHANNEL, ""))
 
 
 def notify_dispatcher(conn: Connection) -> None:
@@ -106,7 +125,7 @@ def notify_dispatcher(conn: Connection) -> None:
     delivers a NOTIFY sent inside a transaction only when it commits, so the dispatcher
     never looks before the rows are there. A no-op on SQLite (the dispatcher polls)."""
     if conn.dialect.name == "postgresql":
-        conn.execute(select(func.pg_notify(DISPATCH_CHANNEL, "")))
+        conn.execute(_NOTIFY)
 
 
 def lock_event(conn: Connection, key: str) -> None:
@@ -117,7 +136,7 @@ def lock_event(conn: Connection, key: str) -> None:
     transaction already holds the database lock.
     """
     if conn.dialect.name == "postgresql":
-        conn.execute(select(func.pg_advisory_xact_lock(func.hashtext(key))))
+        conn.execute(_LOCK_EVENT, {"b_key": key})
 
 
 def lock_workflow(conn: Connection, workflow_id: str) -> dict[str, Any]:
@@ -129,16 +148,12 @@ def lock_workflow(conn: Connection, workflow_id: str) -> dict[str, Any]:
     two parents finish at the same moment. On SQLite the whole database is locked by
     the first write, so the lock is a no-op update taken before any read.
     """
-    w = t.workflows
+    params = {"b_id": workflow_id}
     if conn.dialect.name == "sqlite":
-        conn.execute(update(w).where(w.c.id == workflow_id).values(updated_at=w.c.updated_at))
-        row = conn.execute(select(w).where(w.c.id == workflow_id)).mappings().first()
+        conn.execute(_TOUCH_WORKFLOW, params)
+        row = conn.execute(_READ_WORKFLOW, params).mappings().first()
     else:
-        row = (
-            conn.execute(select(w).where(w.c.id == workflow_id).with_for_update())
-            .mappings()
-            .first()
-        )
+        row = conn.execute(_LOCK_WORKFLOW, params).mappings().first()
     if row is None:
         raise WorkflowNotFoundError(workflow_id)
     return dict(row)

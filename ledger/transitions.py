@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from ledger import tables as t
 from ledger.callbacks import enqueue_callback
@@ -112,9 +112,8 @@ def complete_step(
     now = now or datetime.now(UTC)
 
     wf = lock_workflow(conn, workflow_id)
-    row = _step_row(conn, workflow_id, step)
+    row, history = _step_and_history(conn, workflow_id, step)
     state = StepState(row["state"])
-    history = _history(conn, workflow_id, step)
     decision = classify_completion(
         StepSnapshot(state, row["attempt"], row["max_attempts"]), history, parsed, payload, attempt
     )
@@ -153,26 +152,28 @@ def complete_step(
     changes = Changes()
     recorded = decision.status
     conn.execute(
-        insert(t.attempts).values(
-            workflow_id=workflow_id,
-            step=step,
-            attempt=decision.record_attempt,
-            status=recorded.value,
-            payload=payload,
-            reason=decision.reason or reason,
-            source=source,
-            recorded_at=now,
-        )
+        _INSERT_ATTEMPT,
+        {
+            "workflow_id": workflow_id,
+            "step": step,
+            "attempt": decision.record_attempt,
+            "status": recorded.value,
+            "payload": payload,
+            "reason": decision.reason or reason,
+            "source": source,
+            "recorded_at": now,
+        },
     )
     if recorded is CompletionStatus.COMPLETED:
         conn.execute(
-            insert(t.results).values(
-                workflow_id=workflow_id,
-                step=step,
-                attempt=decision.record_attempt,
-                payload=payload,
-                recorded_at=now,
-            )
+            _INSERT_RESULT,
+            {
+                "workflow_id": workflow_id,
+                "step": step,
+                "attempt": decision.record_attempt,
+                "payload": payload,
+                "recorded_at": now,
+            },
         )
 
     new_state = state_for_status(recorded)
@@ -213,18 +214,20 @@ def mark_dispatched(
     """
     marked = []
     for r in candidates:
-        result = conn.execute(
-            _dispatch_update(r)
-            .where(_job_table(r).c.dispatched_at.is_(None))
-            .values(dispatched_at=now)
-        )
+        if r.job == CALLBACK_JOB:
+            result = conn.execute(
+                _dispatch_update(r)
+                .where(t.callbacks.c.dispatched_at.is_(None))
+                .values(dispatched_at=now)
+            )
+        else:
+            result = conn.execute(
+                _MARK_STEP_DISPATCHED,
+                {"b_wf": r.workflow_id, "b_step": r.step, "dispatched_at": now},
+            )
         if result.rowcount == 1:
             marked.append(r)
     return tuple(marked)
-
-
-def _job_table(r: ReadyStep) -> Any:
-    return t.callbacks if r.job == CALLBACK_JOB else t.steps
 
 
 def _dispatch_update(r: ReadyStep) -> Any:
@@ -341,34 +344,85 @@ def reconcile_descendants(
 
 # -- queries ----------------------------------------------------------------------------
 
-
-def _step_row(conn: Connection, workflow_id: str, step: str) -> dict[str, Any]:
-    s = t.steps
-    row = (
-        conn.execute(
-            select(s.c.state, s.c.attempt, s.c.max_attempts).where(
-                s.c.workflow_id == workflow_id, s.c.name == step
-            )
-        )
-        .mappings()
-        .first()
+# The hot path's statements, built once (see `ledger.db`): per call, only parameters.
+_s, _a, _e, _w = t.steps, t.attempts, t.edges, t.workflows
+_STEP_AND_HISTORY = (
+    select(
+        _s.c.state,
+        _s.c.attempt,
+        _s.c.max_attempts,
+        _a.c.attempt.label("h_attempt"),
+        _a.c.status.label("h_status"),
+        _a.c.payload.label("h_payload"),
+        _a.c.reason.label("h_reason"),
     )
-    if row is None:
+    .select_from(
+        _s.outerjoin(_a, (_a.c.workflow_id == _s.c.workflow_id) & (_a.c.step == _s.c.name))
+    )
+    .where(_s.c.workflow_id == bindparam("b_wf"), _s.c.name == bindparam("b_step"))
+)
+_INSERT_ATTEMPT = insert(_a)
+_INSERT_RESULT = insert(t.results)
+_SET_STEP_IF = update(_s).where(
+    _s.c.workflow_id == bindparam("b_wf"),
+    _s.c.name == bindparam("b_step"),
+    _s.c.state == bindparam("b_expected"),
+)
+_MARK_STEP_DISPATCHED = update(_s).where(
+    _s.c.workflow_id == bindparam("b_wf"),
+    _s.c.name == bindparam("b_step"),
+    _s.c.state == StepState.AVAILABLE.value,
+    _s.c.dispatched_at.is_(None),
+)
+_UPDATE_WORKFLOW = update(_w).where(_w.c.id == bindparam("b_id"))
+_CHILDREN_OF = select(_e.c.child).where(
+    _e.c.workflow_id == bindparam("b_wf"), _e.c.parent == bindparam("b_parent")
+)
+_p, _c, _aw = t.steps.alias("p"), t.steps.alias("c"), t.awaits
+_CHILDREN_WITH_DEPS = (
+    select(
+        _e.c.child,
+        _e.c.parent,
+        _e.c.policy,
+        _p.c.state.label("parent_state"),
+        _p.c.terminal_cause,
+        _p.c.cancel_root_step,
+        _c.c.state.label("child_state"),
+        _c.c.queue,
+        _c.c.priority,
+        _aw.c.state.label("await_state"),
+        _aw.c.signal_id,
+        _aw.c.deadline_ms,
+    )
+    .join(_p, (_p.c.workflow_id == _e.c.workflow_id) & (_p.c.name == _e.c.parent))
+    .join(_c, (_c.c.workflow_id == _e.c.workflow_id) & (_c.c.name == _e.c.child))
+    .outerjoin(_aw, (_aw.c.workflow_id == _e.c.workflow_id) & (_aw.c.step == _e.c.child))
+    .where(
+        _e.c.workflow_id == bindparam("b_wf"),
+        _e.c.child.in_(bindparam("b_kids", expanding=True)),
+    )
+    .order_by(_c.c.position, _p.c.position)
+)
+
+
+def _step_and_history(
+    conn: Connection, workflow_id: str, step: str
+) -> tuple[dict[str, Any], dict[int, RecordedAttempt]]:
+    """The step's row and its recorded attempts, in one statement (the caller holds the
+    workflow lock, so the read sees every earlier holder's writes)."""
+    rows = conn.execute(_STEP_AND_HISTORY, {"b_wf": workflow_id, "b_step": step}).all()
+    if not rows:
         raise step_not_found(conn, workflow_id, step)
-    return dict(row)
-
-
-def _history(conn: Connection, workflow_id: str, step: str) -> dict[int, RecordedAttempt]:
-    a = t.attempts
-    rows = conn.execute(
-        select(a.c.attempt, a.c.status, a.c.payload, a.c.reason).where(
-            a.c.workflow_id == workflow_id, a.c.step == step
+    first = rows[0]
+    row = {"state": first.state, "attempt": first.attempt, "max_attempts": first.max_attempts}
+    history = {
+        r.h_attempt: RecordedAttempt(
+            r.h_attempt, CompletionStatus(r.h_status), r.h_payload, r.h_reason
         )
-    ).all()
-    return {
-        r.attempt: RecordedAttempt(r.attempt, CompletionStatus(r.status), r.payload, r.reason)
         for r in rows
+        if r.h_attempt is not None
     }
+    return row, history
 
 
 @dataclass
@@ -395,39 +449,14 @@ class _Child:
 
 def children_with_deps(conn: Connection, workflow_id: str, parent: str) -> list[_Child]:
     """Each child of `parent` with all of its dependencies, ordered by position."""
-    e, p, c, a = t.edges, t.steps.alias("p"), t.steps.alias("c"), t.awaits
     # Two statements, not one with a subquery: given the children by name, the planner
     # walks the primary keys from them. With the subquery it could start from every edge
     # of the workflow instead (it did, on a freshly filled table: 12 ms per hop on a
     # 200-step chain, growing with the square of the workflow's size).
-    children = list(
-        conn.execute(
-            select(e.c.child).where(e.c.workflow_id == workflow_id, e.c.parent == parent)
-        ).scalars()
-    )
+    children = list(conn.execute(_CHILDREN_OF, {"b_wf": workflow_id, "b_parent": parent}).scalars())
     if not children:
         return []
-    rows = conn.execute(
-        select(
-            e.c.child,
-            e.c.parent,
-            e.c.policy,
-            p.c.state.label("parent_state"),
-            p.c.terminal_cause,
-            p.c.cancel_root_step,
-            c.c.state.label("child_state"),
-            c.c.queue,
-            c.c.priority,
-            a.c.state.label("await_state"),
-            a.c.signal_id,
-            a.c.deadline_ms,
-        )
-        .join(p, (p.c.workflow_id == e.c.workflow_id) & (p.c.name == e.c.parent))
-        .join(c, (c.c.workflow_id == e.c.workflow_id) & (c.c.name == e.c.child))
-        .outerjoin(a, (a.c.workflow_id == e.c.workflow_id) & (a.c.step == e.c.child))
-        .where(e.c.workflow_id == workflow_id, e.c.child.in_(children))
-        .order_by(c.c.position, p.c.position)
-    ).all()
+    rows = conn.execute(_CHILDREN_WITH_DEPS, {"b_wf": workflow_id, "b_kids": children}).all()
     grouped: dict[str, _Child] = {}
     for r in rows:
         child = grouped.setdefault(
@@ -453,13 +482,8 @@ def set_step_if(
     conn: Connection, workflow_id: str, step: str, expected: StepState, values: dict[str, Any]
 ) -> bool:
     """Conditional update: applies only if the step is still in `expected`."""
-    s = t.steps
-    result = conn.execute(
-        update(s)
-        .where(s.c.workflow_id == workflow_id, s.c.name == step, s.c.state == expected.value)
-        .values(**values)
-    )
-    return result.rowcount == 1
+    params = {**values, "b_wf": workflow_id, "b_step": step, "b_expected": expected.value}
+    return conn.execute(_SET_STEP_IF, params).rowcount == 1
 
 
 def apply_changes(
@@ -483,7 +507,7 @@ def apply_changes(
     values["updated_at"] = now
     if outcome is not None:
         values.update(state="finished", outcome=outcome, finished_at=now)
-    conn.execute(update(t.workflows).where(t.workflows.c.id == wf["id"]).values(**values))
+    conn.execute(_UPDATE_WORKFLOW, {**values, "b_id": wf["id"]})
     if outcome is not None:
         # In the transaction that records the outcome: the callback is enqueued with it.
         enqueue_callback(conn, wf, outcome, counts, now)
