@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, bindparam, select, update
 
 from ledger import tables as t
 from ledger.db import lock_workflow
@@ -92,6 +92,7 @@ def claim_step(
     now: datetime,
     source: str = "worker",
     message_at: datetime | None = None,
+    workflow_locked: bool = False,
 ) -> Claim | ClaimRefused:
     """Claim `step` for one attempt, or refuse (and record) a delivery that cannot.
 
@@ -99,25 +100,14 @@ def claim_step(
     step's latest offer (its release or dispatch) comes from an earlier dispatch —
     delayed or replayed. It still claims the step, which must run, but is kept as
     `replayed` evidence so the stale message is not invisible.
+
+    `workflow_locked`: the caller's transaction already holds the workflow lock (the
+    worker's hand-off claims a child in its parent's outcome transaction), so it is not
+    taken again.
     """
-    wf = lock_workflow(conn, workflow_id)
-    s, a, sg = t.steps, t.awaits, t.signals
-    # The payload of the signal that released it (for a step that awaited one), read with
-    # the row: one round trip fewer on every claim.
-    signal_payload = (
-        select(sg.c.payload)
-        .join(a, a.c.signal_id == sg.c.id)
-        .where(a.c.workflow_id == s.c.workflow_id, a.c.step == s.c.name)
-        .scalar_subquery()
-        .label("released_by_signal")
-    )
-    row = (
-        conn.execute(
-            select(s, signal_payload).where(s.c.workflow_id == workflow_id, s.c.name == step)
-        )
-        .mappings()
-        .first()
-    )
+    if not workflow_locked:
+        lock_workflow(conn, workflow_id)
+    row = conn.execute(_CLAIM_READ, {"b_wf": workflow_id, "b_step": step}).mappings().first()
     if row is None:
         raise step_not_found(conn, workflow_id, step)
     state = StepState(row["state"])
@@ -165,39 +155,67 @@ def claim_step(
             "updated_at": now,
         },
     )
-    changes = Changes()
-    changes.move(StepState.AVAILABLE, StepState.EXECUTING)
-    apply_changes(conn, wf, changes, now)
+    # A claim never finishes a workflow, so the counters move in place: no need for the
+    # locked row's values (which a hand-off claim's caller has already changed).
+    conn.execute(_CLAIM_COUNTERS, {"b_id": workflow_id, "b_now": now})
 
     deps = referenced_steps(row["args"])
     # The stored results of the step's parents, in one statement.
-    r, e = t.results, t.edges
     results: dict[str, Any] = {
         x.step: x.payload
-        for x in conn.execute(
-            select(r.c.step, r.c.payload)
-            .join(e, (e.c.workflow_id == r.c.workflow_id) & (e.c.parent == r.c.step))
-            .where(e.c.workflow_id == workflow_id, e.c.child == step)
-        )
+        for x in conn.execute(_PARENT_RESULTS, {"b_wf": workflow_id, "b_step": step})
     }
     args, _missing = resolve(row["args"], results) if deps else (row["args"], [])
     signal = row["released_by_signal"]
     return Claim(
         workflow_id=workflow_id,
-        workflow_name=wf["name"],
+        workflow_name=row["workflow_name"],
         step=step,
         attempt=attempt,
         max_attempts=row["max_attempts"],
         worker=row["worker"],
         queue=row["queue"],
         args=args,
-        workflow_context=wf["context"],
+        workflow_context=row["workflow_context"],
         dependency_results=results,
         lease_owner=owner,
         lease_expires_at=expires,
         available_at=row["available_at"],
         signal=signal,
     )
+
+
+_s, _aw, _sg, _w, _r, _e = t.steps, t.awaits, t.signals, t.workflows, t.results, t.edges
+# The step's row, its workflow's name and context, and the payload of the signal that
+# released it (for a step that awaited one): one statement, built once.
+_CLAIM_READ = (
+    select(
+        _s,
+        _w.c.name.label("workflow_name"),
+        _w.c.context.label("workflow_context"),
+        select(_sg.c.payload)
+        .join(_aw, _aw.c.signal_id == _sg.c.id)
+        .where(_aw.c.workflow_id == _s.c.workflow_id, _aw.c.step == _s.c.name)
+        .scalar_subquery()
+        .label("released_by_signal"),
+    )
+    .join(_w, _w.c.id == _s.c.workflow_id)
+    .where(_s.c.workflow_id == bindparam("b_wf"), _s.c.name == bindparam("b_step"))
+)
+_CLAIM_COUNTERS = (
+    update(_w)
+    .where(_w.c.id == bindparam("b_id"))
+    .values(
+        available_count=_w.c.available_count - 1,
+        executing_count=_w.c.executing_count + 1,
+        updated_at=bindparam("b_now"),
+    )
+)
+_PARENT_RESULTS = (
+    select(_r.c.step, _r.c.payload)
+    .join(_e, (_e.c.workflow_id == _r.c.workflow_id) & (_e.c.parent == _r.c.step))
+    .where(_e.c.workflow_id == bindparam("b_wf"), _e.c.child == bindparam("b_step"))
+)
 
 
 def renew_lease(

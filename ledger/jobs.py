@@ -4,6 +4,7 @@ workflow's step (`ledger.claims`, `ledger.transitions`) or its `on_finish` callb
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
@@ -66,10 +67,23 @@ def complete_job(
     source: str,
     now: datetime,
     dispatch: bool,
+    hand_off_queues: Collection[str] = (),
 ) -> CompletionResult:
+    """`hand_off_queues`: see `complete_step` (a callback releases nothing)."""
     _check(job)
-    complete = complete_callback if job == CALLBACK_JOB else complete_step
-    return complete(
+    if job == CALLBACK_JOB:
+        return complete_callback(
+            conn,
+            workflow_id,
+            step,
+            status,
+            payload,
+            attempt=attempt,
+            source=source,
+            now=now,
+            dispatch=dispatch,
+        )
+    return complete_step(
         conn,
         workflow_id,
         step,
@@ -79,6 +93,7 @@ def complete_job(
         source=source,
         now=now,
         dispatch=dispatch,
+        hand_off_queues=hand_off_queues,
     )
 
 

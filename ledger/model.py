@@ -187,6 +187,9 @@ class CompletionResult:
     #: step, or callback: the outcome of the workflow's `on_finish` callback (no
     #: children, no completion event).
     job: str = STEP_JOB
+    #: With `hand_off_queues`: the released step left undispatched (and out of `ready`)
+    #: for the caller to claim in this same transaction.
+    hand_off: ReadyStep | None = None
 
     @property
     def applied(self) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,7 +17,7 @@ from ledger.db import lock_workflow, notify_dispatcher
 from ledger.errors import InvalidCompletionError
 from ledger.evidence import record_evidence
 from ledger.jsonsafe import json_problems
-from ledger.model import CALLBACK_JOB, CompletionResult, ReadyStep
+from ledger.model import CALLBACK_JOB, STEP_JOB, CompletionResult, ReadyStep
 from ledger.rules import (
     TERMINAL_STATES,
     AwaitState,
@@ -91,6 +91,7 @@ def complete_step(
     retry_at: datetime | None = None,
     dispatch: bool = False,
     reason: str | None = None,
+    hand_off_queues: Collection[str] = (),
 ) -> CompletionResult:
     """Record an outcome for `step` and apply what follows from it.
 
@@ -102,6 +103,10 @@ def complete_step(
     With `dispatch=True` (the engine's path) the released children are marked dispatched
     in the same transaction and returned in `ready` for the caller to publish. `reason`
     is kept on the attempt row (e.g. lease_expired) unless the rules give their own.
+
+    `hand_off_queues` (with `dispatch=True`): the most urgent released step of one of
+    these queues is left undispatched and returned in `hand_off` instead, for the caller
+    to claim in this transaction (the worker runs it next, with no ready message).
     """
     parsed = parse_status(status)
     problems = json_problems(payload, "payload")
@@ -185,8 +190,10 @@ def complete_step(
         reconcile_descendants(conn, workflow_id, [step], changes, now)
 
     ready: tuple[ReadyStep, ...] = ()
+    hand_off: ReadyStep | None = None
     if dispatch and changes.ready:
-        ready = mark_dispatched(conn, changes.ready, now)
+        hand_off = _pick_hand_off(changes.ready, hand_off_queues)
+        ready = mark_dispatched(conn, [r for r in changes.ready if r is not hand_off], now)
     elif changes.ready:
         notify_dispatcher(conn)  # released children for the dispatcher to publish
     outcome = apply_changes(conn, wf, changes, now)
@@ -201,7 +208,14 @@ def complete_step(
         workflow_outcome=outcome,
         reason=decision.reason,
         ready=ready,
+        hand_off=hand_off,
     )
+
+
+def _pick_hand_off(released: list[ReadyStep], queues: Collection[str]) -> ReadyStep | None:
+    """The highest-priority released step of `queues`, the earliest released on a tie."""
+    mine = [r for r in released if r.job == STEP_JOB and r.queue in queues]
+    return min(mine, key=lambda r: -r.priority) if mine else None
 
 
 def mark_dispatched(

@@ -25,9 +25,9 @@ from sqlalchemy import Connection, Engine
 from ledger.claims import Claim, ClaimRefused, claim_step
 from ledger.errors import InvalidCompletionError, LedgerError
 from ledger.jobs import claim_job, complete_job, release_job_claim, renew_job_lease
-from ledger.model import STEP_JOB, CompletionResult
+from ledger.model import STEP_JOB, CompletionResult, ReadyStep
 from ledger.rules import CompletionStatus
-from ledger.transitions import unmark_dispatched
+from ledger.transitions import mark_dispatched, unmark_dispatched
 from streamflow import telemetry
 from streamflow.engine.common import in_transaction, now_ms, ready_messages, utcnow
 from streamflow.engine.context import Cancel, StepContext
@@ -72,6 +72,11 @@ class _Running:
     done: threading.Event = field(default_factory=threading.Event)
     #: How long `perform` took (telemetry's step duration_ms).
     perform_ms: float | None = None
+
+
+#: An outcome as recorded: the ledger's answer, the child handed off to this thread (if
+#: any) and the released steps to publish.
+_Recorded = tuple[CompletionResult, Claim | None, list[ReadyStep]]
 
 
 @dataclass
@@ -403,9 +408,9 @@ class WorkerRuntime:
         child. The claim is an ordinary one (lease, attempt, heartbeat), so everything
         that rescues a claimed step rescues this one. Returns that claim, or None.
         """
-        hand_off = self._may_hand_off(claim)
+        queues = self.config.queues if self._may_hand_off(claim) else ()
 
-        def record(conn: Any, status: str, payload: Any) -> tuple[CompletionResult, Claim | None]:
+        def record(conn: Any, status: str, payload: Any) -> _Recorded:
             result = complete_job(
                 conn,
                 claim.job,
@@ -417,19 +422,26 @@ class WorkerRuntime:
                 source="worker",
                 now=utcnow(),
                 dispatch=True,
+                hand_off_queues=queues,
             )
-            return result, (self._claim_child(conn, result) if hand_off else None)
+            ready = list(result.ready)
+            child = None
+            if result.hand_off is not None:
+                child = self._claim_child(conn, result.hand_off)
+                if child is None:  # not claimable after all: dispatch it as usual
+                    ready += mark_dispatched(conn, [result.hand_off], utcnow())
+            return result, child, ready
 
         key = claim.workflow_id
         try:
-            result, child = self.ledger.run(
+            result, child, ready = self.ledger.run(
                 lambda conn: record(conn, status, payload), order_key=key
             )
         except InvalidCompletionError as exc:
             # The result cannot be stored (not plain JSON): a bug that retrying will not
             # fix, recorded as a failure the operator can read.
             problem = {"error": f"the step's result could not be stored: {exc}"}
-            result, child = self.ledger.run(
+            result, child, ready = self.ledger.run(
                 lambda conn: record(conn, "failed", problem), order_key=key
             )
         # The outcome is in the ledger: the heartbeat must not mistake the lease it just
@@ -455,7 +467,6 @@ class WorkerRuntime:
         if not result.applied or claim.job != STEP_JOB:
             # A callback has no children and no completion event.
             return None
-        ready = [r for r in result.ready if child is None or r.step != child.step]
         if ready and not self.publisher.publish_ready(ready_messages(ready)):
             # Hand them back to the dispatcher rather than wait for the stale deadline.
             in_transaction(self.engine, lambda conn: unmark_dispatched(conn, ready))
@@ -476,23 +487,19 @@ class WorkerRuntime:
         # Not while stopping: a drain must not pick up new work.
         return self.config.hand_off and claim.job == STEP_JOB and not self._stopping.is_set()
 
-    def _claim_child(self, conn: Connection, result: CompletionResult) -> Claim | None:
-        """Claim the most urgent released step of a queue this worker serves."""
-        if not result.applied:
-            return None
-        mine = [r for r in result.ready if r.job == STEP_JOB and r.queue in self.config.queues]
-        for ready in sorted(mine, key=lambda r: -r.priority):
-            claimed = claim_step(
-                conn,
-                ready.workflow_id,
-                ready.step,
-                owner=self.config.name,
-                lease_seconds=self.config.lease_seconds,
-                now=utcnow(),
-            )
-            if isinstance(claimed, Claim):
-                return claimed
-        return None
+    def _claim_child(self, conn: Connection, ready: ReadyStep) -> Claim | None:
+        """Claim the step the parent's outcome just released for this worker, in the
+        outcome's transaction (which holds the workflow lock already)."""
+        claimed = claim_step(
+            conn,
+            ready.workflow_id,
+            ready.step,
+            owner=self.config.name,
+            lease_seconds=self.config.lease_seconds,
+            now=utcnow(),
+            workflow_locked=True,
+        )
+        return claimed if isinstance(claimed, Claim) else None
 
     def _count(self, result: CompletionResult) -> None:
         if not result.applied:
