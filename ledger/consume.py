@@ -5,19 +5,26 @@ consumer's job is to make sure of it (idempotently: a repair is a no-op when not
 missing), to dispatch released children nobody dispatched yet, and to keep each delivery
 as evidence — `consumed` the first time, `duplicate` after, `late` when the step has
 moved on to a newer attempt, `unmatched` when the event names nothing in the ledger.
+
+A batch costs a handful of statements whatever its size: one read of the rows its events
+name, one statement taking their event locks, one read of what is already accounted for,
+one insert of the evidence and one read of the children to dispatch (plus a conditional
+update per child dispatched). The outcome is the one consuming the events one at a time,
+in workflow-id order, would give: each event's classification takes the earlier events of
+the batch into account, as sequential processing would.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, insert, literal_column, select, text, tuple_
 
 from ledger import tables as t
-from ledger.db import lock_event, lock_workflow
-from ledger.evidence import record_evidence
+from ledger.db import lock_workflow
 from ledger.model import ReadyStep
 from ledger.recoveries import record_recovery
 from ledger.rules import TERMINAL_STATES, StepState
@@ -46,104 +53,224 @@ class Consumed:
     repaired: tuple[str, ...] = ()
 
 
+# The statements are built once: SQLAlchemy then memoises their cache keys, which is most
+# of what a statement costs the consumer's CPU. The expanding parameters take a batch's
+# values (tuple IN works on PostgreSQL and SQLite alike).
+_w, _s, _a, _e, _ed = t.workflows, t.steps, t.attempts, t.evidence, t.edges
+
+#: The workflows, steps and outcome rows a batch names: a row per step found (with its
+#: outcome row for the event's attempt, if any, or one row per such outcome), and a row
+#: with NULL step columns for a workflow none of whose named steps exists.
+_READ_ROWS = (
+    select(_w.c.id, _s.c.name, _s.c.state, _s.c.attempt, _a.c.attempt.label("outcome_attempt"))
+    .select_from(
+        _w.outerjoin(
+            _s,
+            (_s.c.workflow_id == _w.c.id)
+            & tuple_(_s.c.workflow_id, _s.c.name).in_(bindparam("steps", expanding=True)),
+        ).outerjoin(
+            _a,
+            (_a.c.workflow_id == _s.c.workflow_id)
+            & (_a.c.step == _s.c.name)
+            & tuple_(_a.c.workflow_id, _a.c.step, _a.c.attempt).in_(
+                bindparam("outcomes", expanding=True)
+            ),
+        )
+    )
+    .where(_w.c.id.in_(bindparam("workflows", expanding=True)))
+)
+
+#: `ledger.db.lock_event` for many keys at once: the same lock (a transaction-level
+#: advisory lock on the key's hashtext), taken in one order by every consumer so two
+#: batches sharing events cannot deadlock on them. PostgreSQL evaluates a volatile
+#: function in the select list after the ORDER BY sort, so the locks follow that order.
+_LOCK_EVENTS = text(
+    "SELECT pg_advisory_xact_lock(hashtext(k)) FROM unnest(CAST(:keys AS text[])) AS k "
+    "ORDER BY hashtext(k), k"
+)
+
+#: The accounted events among a batch's. The constants are inline so the partial unique
+#: index on accounted events (its predicate is the same) serves even a generic plan.
+_ACCOUNTED = select(_e.c.workflow_id, _e.c.dedupe_key, _e.c.classification).where(
+    tuple_(_e.c.workflow_id, _e.c.dedupe_key).in_(bindparam("keys", expanding=True)),
+    _e.c.kind == literal_column("'event'"),
+    _e.c.classification.in_([literal_column("'consumed'"), literal_column("'dropped'")]),
+)
+
+_INSERT_EVIDENCE = insert(_e)
+
+#: The available, undispatched children of (workflow, parent) pairs, in position order.
+_UNDISPATCHED_CHILDREN = (
+    select(_ed.c.workflow_id, _ed.c.parent, _s.c.name, _s.c.queue, _s.c.priority)
+    .select_from(_s.join(_ed, (_ed.c.workflow_id == _s.c.workflow_id) & (_ed.c.child == _s.c.name)))
+    .where(
+        tuple_(_ed.c.workflow_id, _ed.c.parent).in_(bindparam("parents", expanding=True)),
+        _s.c.state == StepState.AVAILABLE.value,
+        _s.c.dispatched_at.is_(None),
+    )
+    .order_by(_s.c.position)
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _StepRow:
+    state: str
+    attempt: int
+
+
 def consume_completions(
     conn: Connection, events: Sequence[CompletionEventView], now: datetime, source: str
 ) -> list[Consumed]:
-    """Consume a batch in one transaction. Events are taken in workflow-id order (the
-    order every locker of workflows uses), so overlapping batches do not deadlock; the
-    rare one that does (two consumers taking the same redelivered events in another
-    order) is rolled back by PostgreSQL and retried as a transient error."""
+    """Consume a batch in one transaction, with the outcome of consuming its events one
+    at a time in workflow-id order. The batch's event locks are taken first, all at once
+    in one global order; the workflow locks a repair needs come after, in workflow-id
+    order (the order every locker of workflows uses). So overlapping batches do not
+    deadlock each other; a deadlock with another locker is rolled back by PostgreSQL and
+    retried by the caller as a transient error."""
     order = sorted(range(len(events)), key=lambda i: (events[i].workflow_id, i))
+    if not order:
+        return []
+    workflows, steps, outcomes = _read_rows(conn, events)
+
+    # Not the workflow lock (yet): the workers recording these workflows' next outcomes
+    # need it now, and a consumer batch holding it would stall them. Accounting for an
+    # event needs only that nobody else accounts for the same event meanwhile, so each
+    # event's lock is held before what is accounted is read (in a later statement, so
+    # under READ COMMITTED it sees what an earlier holder committed). The steps' rows
+    # may be read before: consumers never change them.
+    matched = [i for i in order if (events[i].workflow_id, events[i].step) in steps]
+    keys = {(events[i].workflow_id, events[i].idempotency_key) for i in matched}
+    if keys and conn.dialect.name == "postgresql":
+        # SQLite: every write transaction already holds the database lock.
+        conn.execute(_LOCK_EVENTS, {"keys": sorted({key for _, key in keys})})
+    accounted: dict[tuple[str, str], str] = {}
+    if keys:
+        accounted = {
+            (r.workflow_id, r.dedupe_key): r.classification
+            for r in conn.execute(_ACCOUNTED, {"keys": sorted(keys)})
+        }
+
+    # Classify in order; an event consumed here accounts for its later deliveries.
     out: dict[int, Consumed] = {}
+    evidence: list[dict[str, Any]] = []
+    #: Consumed terminal events, in order, and whether the fast path serves them.
+    terminal: list[tuple[int, bool]] = []
     for i in order:
-        out[i] = _consume_one(conn, events[i], now, source)
+        ev = events[i]
+        classification, reason = "consumed", None
+        row = steps.get((ev.workflow_id, ev.step))
+        if ev.workflow_id not in workflows:
+            classification, reason = "unmatched", "no_such_workflow"
+        elif row is None:
+            classification, reason = "unmatched", "no_such_step"
+        else:
+            already = accounted.get((ev.workflow_id, ev.idempotency_key))
+            if already == "consumed":
+                classification = "duplicate"
+            elif already == "dropped":
+                # The reconciler gave up waiting for this event and repaired without it.
+                classification, reason = "late", "arrived_after_declared_dropped"
+            elif row.attempt > ev.attempt:
+                classification, reason = "late", "newer_attempt_started"
+        evidence.append(_evidence_row(ev, classification, reason, source, now))
+        out[i] = Consumed(ev, classification)
+        if classification != "consumed" or row is None:
+            continue
+        accounted[(ev.workflow_id, ev.idempotency_key)] = "consumed"
+        if StepState(row.state) in TERMINAL_STATES:
+            # The step's latest outcome has its attempt row, and `complete_step` (like a
+            # workflow cancel) writes that row in the same transaction as the release:
+            # the row is proof the release was applied, so neither the walk over the
+            # children nor the workflow lock is needed (dispatching is a conditional
+            # update of its own). A step made terminal any other way (a lost write, a
+            # hand edit) has no such row and gets the full check.
+            outcome = (ev.workflow_id, ev.step, ev.attempt)
+            terminal.append((i, row.attempt == ev.attempt and outcome in outcomes))
+    conn.execute(_INSERT_EVIDENCE, evidence)
+
+    # Dispatch (and repair) in order. The fast path's children are read in one statement
+    # per run of fast-path events: a slow-path event between two runs may release and
+    # dispatch children, and the events after it must see that, as they would one by one.
+    run: list[int] = []
+    for i, fast in terminal:
+        if fast:
+            run.append(i)
+            continue
+        out.update(_dispatch_run(conn, events, run, now))
+        run = []
+        out[i] = _repair_and_dispatch(conn, events[i], now)
+    out.update(_dispatch_run(conn, events, run, now))
     return [out[i] for i in range(len(events))]
 
 
-def _consume_one(conn: Connection, ev: CompletionEventView, now: datetime, source: str) -> Consumed:
-    def keep(classification: str, reason: str | None = None) -> Consumed:
-        # An event may name ids longer than any the ledger holds (it is then unmatched);
-        # the evidence keeps what fits rather than failing the whole batch.
-        record_evidence(
-            conn,
-            workflow_id=ev.workflow_id[: t.WORKFLOW_ID],
-            step=ev.step[: t.STEP_NAME],
-            kind="event",
-            classification=classification,
-            source=source,
-            now=now,
-            status=ev.status,
-            attempt=ev.attempt,
-            reason=reason,
-            dedupe_key=ev.idempotency_key[:300],
-        )
-        return Consumed(ev, classification)
+def _read_rows(
+    conn: Connection, events: Sequence[CompletionEventView]
+) -> tuple[set[str], dict[tuple[str, str], _StepRow], set[tuple[str, str, int]]]:
+    """The workflows found, the steps found and the (workflow, step, attempt) outcome
+    rows found, of those the events name, in one statement."""
+    rows = conn.execute(
+        _READ_ROWS,
+        {
+            "workflows": sorted({ev.workflow_id for ev in events}),
+            "steps": sorted({(ev.workflow_id, ev.step) for ev in events}),
+            "outcomes": sorted({(ev.workflow_id, ev.step, ev.attempt) for ev in events}),
+        },
+    ).all()
+    workflows = {r.id for r in rows}
+    steps = {(r.id, r.name): _StepRow(r.state, r.attempt) for r in rows if r.name is not None}
+    outcomes = {(r.id, r.name, r.outcome_attempt) for r in rows if r.outcome_attempt is not None}
+    return workflows, steps, outcomes
 
-    w, s, e, a = t.workflows, t.steps, t.evidence, t.attempts
-    # The workflow, the step and the outcome row the event names, in one statement.
-    row = conn.execute(
-        select(w.c.id, s.c.state, s.c.attempt, a.c.attempt.label("outcome_attempt"))
-        .select_from(
-            w.outerjoin(s, (s.c.workflow_id == w.c.id) & (s.c.name == ev.step)).outerjoin(
-                a,
-                (a.c.workflow_id == s.c.workflow_id)
-                & (a.c.step == s.c.name)
-                & (a.c.attempt == ev.attempt),
-            )
-        )
-        .where(w.c.id == ev.workflow_id)
-    ).first()
-    if row is None:
-        return keep("unmatched", "no_such_workflow")
-    if row.state is None:
-        return keep("unmatched", "no_such_step")
-    # Not the workflow lock (yet): the workers recording this workflow's next outcomes
-    # need it now, and a consumer batch holding it would stall them. Accounting for one
-    # event needs only that nobody else accounts for the same event meanwhile. (The
-    # step's row may be read before this lock: consumers never change it.)
-    lock_event(conn, ev.idempotency_key)
-    accounted = conn.execute(
-        select(e.c.classification).where(
-            e.c.workflow_id == ev.workflow_id,
-            e.c.dedupe_key == ev.idempotency_key,
-            e.c.kind == "event",
-            e.c.classification.in_(("consumed", "dropped")),
-        )
-    ).scalar()
-    if accounted == "consumed":
-        return keep("duplicate")
-    if accounted == "dropped":
-        # The reconciler gave up waiting for this event and repaired without it.
-        return keep("late", "arrived_after_declared_dropped")
-    if row.attempt > ev.attempt:
-        return keep("late", "newer_attempt_started")
 
-    record_evidence(
-        conn,
-        workflow_id=ev.workflow_id,
-        step=ev.step,
-        kind="event",
-        classification="consumed",
-        source=source,
-        now=now,
-        status=ev.status,
-        attempt=ev.attempt,
-        dedupe_key=ev.idempotency_key,
-    )
-    if StepState(row.state) not in TERMINAL_STATES:
-        return Consumed(ev, "consumed")
-    if row.attempt == ev.attempt and row.outcome_attempt is not None:
-        # The step's latest outcome has its attempt row, and `complete_step` (like a
-        # workflow cancel) writes that row in the same transaction as the release: the row
-        # is proof the release was applied, so neither the walk over the children nor the
-        # workflow lock is needed (dispatching is a conditional update of its own). A step
-        # made terminal any other way (a lost write, a hand edit) has no such row and gets
-        # the full check below.
-        ready = mark_dispatched(conn, _undispatched_children(conn, ev.workflow_id, ev.step), now)
-        return Consumed(ev, "consumed", ready)
+def _evidence_row(
+    ev: CompletionEventView, classification: str, reason: str | None, source: str, now: datetime
+) -> dict[str, Any]:
+    # An event may name ids longer than any the ledger holds (it is then unmatched); the
+    # evidence keeps what fits rather than failing the whole batch. A matched event's ids
+    # are the ledger's own, and its key is kept whole, as the accounted lookup reads it.
+    cut = classification != "consumed"
+    return {
+        "workflow_id": ev.workflow_id[: t.WORKFLOW_ID] if cut else ev.workflow_id,
+        "step": ev.step[: t.STEP_NAME] if cut else ev.step,
+        "kind": "event",
+        "classification": classification,
+        "source": source,
+        "status": ev.status,
+        "attempt": ev.attempt,
+        "payload": None,
+        "reason": reason,
+        "dedupe_key": ev.idempotency_key[:300] if cut else ev.idempotency_key,
+        "created_at": now,
+    }
 
-    # Make sure the release happened (a no-op unless something was lost), then hand out
-    # every available child of this step that nobody has dispatched yet.
+
+def _dispatch_run(
+    conn: Connection, events: Sequence[CompletionEventView], run: list[int], now: datetime
+) -> dict[int, Consumed]:
+    """The fast path for a run of consumed events: mark each step's available,
+    undispatched children dispatched (each a conditional update: the race guard)."""
+    if not run:
+        return {}
+    children = _undispatched_children(conn, [(events[i].workflow_id, events[i].step) for i in run])
+    # One by one, an event would not see a child an earlier one tried: it is dispatched
+    # now (by that event or by whoever beat it to it).
+    tried: set[tuple[str, str]] = set()
+    out = {}
+    for i in run:
+        ev = events[i]
+        todo = [
+            r
+            for r in children.get((ev.workflow_id, ev.step), ())
+            if (r.workflow_id, r.step) not in tried
+        ]
+        tried.update((r.workflow_id, r.step) for r in todo)
+        out[i] = Consumed(ev, "consumed", mark_dispatched(conn, todo, now))
+    return out
+
+
+def _repair_and_dispatch(conn: Connection, ev: CompletionEventView, now: datetime) -> Consumed:
+    """Make sure the release happened (a no-op unless something was lost), then hand out
+    every available child of this step that nobody has dispatched yet."""
     wf = lock_workflow(conn, ev.workflow_id)
     changes = Changes()
     reconcile_descendants(conn, ev.workflow_id, [ev.step], changes, now)
@@ -159,21 +286,19 @@ def _consume_one(conn: Connection, ev: CompletionEventView, now: datetime, sourc
         )
     if changes.released or changes.cancelled:
         apply_changes(conn, wf, changes, now)
-    ready = mark_dispatched(conn, _undispatched_children(conn, ev.workflow_id, ev.step), now)
+    children = _undispatched_children(conn, [(ev.workflow_id, ev.step)])
+    ready = mark_dispatched(conn, children.get((ev.workflow_id, ev.step), ()), now)
     return Consumed(ev, "consumed", ready, tuple(changes.released + changes.cancelled))
 
 
-def _undispatched_children(conn: Connection, workflow_id: str, parent: str) -> list[ReadyStep]:
-    e, c = t.edges, t.steps
-    rows = conn.execute(
-        select(c.c.name, c.c.queue, c.c.priority)
-        .join(e, (e.c.workflow_id == c.c.workflow_id) & (e.c.child == c.c.name))
-        .where(
-            e.c.workflow_id == workflow_id,
-            e.c.parent == parent,
-            c.c.state == StepState.AVAILABLE.value,
-            c.c.dispatched_at.is_(None),
+def _undispatched_children(
+    conn: Connection, parents: Iterable[tuple[str, str]]
+) -> dict[tuple[str, str], list[ReadyStep]]:
+    """The available, undispatched children of each (workflow, parent), by position."""
+    rows = conn.execute(_UNDISPATCHED_CHILDREN, {"parents": sorted(set(parents))})
+    out: dict[tuple[str, str], list[ReadyStep]] = {}
+    for r in rows:
+        out.setdefault((r.workflow_id, r.parent), []).append(
+            ReadyStep(r.workflow_id, r.name, r.queue, r.priority)
         )
-        .order_by(c.c.position)
-    ).all()
-    return [ReadyStep(workflow_id, r.name, r.queue, r.priority) for r in rows]
+    return out
