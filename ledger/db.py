@@ -47,6 +47,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() == "sqlite":
+        kwargs.pop("pool_pre_ping", None)  # a file does not drop connections
         engine = create_engine(parsed, **kwargs)
         _configure_sqlite(engine)
         return engine

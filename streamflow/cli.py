@@ -160,14 +160,22 @@ def _sqlite_file(url: str) -> Path | None:
     return Path(parsed.database)
 
 
-def _open(choice: DatabaseChoice, *, migrate_embedded: bool = False) -> Engine:
+def _open(
+    choice: DatabaseChoice, *, migrate_embedded: bool = False, pre_ping: bool = True
+) -> Engine:
     """An engine on a ledger at the latest schema.
 
     The embedded default is migrated on the spot when `migrate_embedded`; any other
     database must have been migrated with `streamflow migrate`. A SQLite file that does not
     exist is not created as a side effect of reading.
+
+    `pre_ping=False` (the engine's processes): no liveness round trip before each
+    transaction. Every ledger call they make is retried on a lost connection, and the
+    first such error makes SQLAlchemy discard every pooled connection, so a restarted
+    PostgreSQL costs one retry instead of a ping per transaction (on psycopg the ping is
+    an autocommit statement: a PostgreSQL commit of its own).
     """
-    engine = make_engine(choice.url)
+    engine = make_engine(choice.url, pool_pre_ping=pre_ping)
     if choice.embedded and migrate_embedded:
         upgrade(engine)
         return engine
@@ -606,7 +614,7 @@ def _start_engine(
                 "STREAMFLOW_REDIS_URL): steps run only inside this process.",
                 soft_wrap=True,
             )
-        engine = _open(choice, migrate_embedded=True)
+        engine = _open(choice, migrate_embedded=True, pre_ping=False)
         transport = _connect_streams(url)
         try:
             runner, _ = build_runner(engine, transport, _keys(partitions), options)
