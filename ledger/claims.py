@@ -162,8 +162,9 @@ def claim_step(
     deps = referenced_steps(row["args"])
     # The stored results of the step's parents, in one statement.
     results: dict[str, Any] = {
-        x.step: x.payload
+        x.parent: x.payload
         for x in conn.execute(_PARENT_RESULTS, {"b_wf": workflow_id, "b_step": step})
+        if x.attempt is not None  # a parent without a stored result (it did not complete)
     }
     args, _missing = resolve(row["args"], results) if deps else (row["args"], [])
     signal = row["released_by_signal"]
@@ -211,11 +212,15 @@ _CLAIM_COUNTERS = (
         updated_at=bindparam("b_now"),
     )
 )
-_PARENT_RESULTS = (
-    select(_r.c.step, _r.c.payload)
-    .join(_e, (_e.c.workflow_id == _r.c.workflow_id) & (_e.c.parent == _r.c.step))
-    .where(_e.c.workflow_id == bindparam("b_wf"), _e.c.child == bindparam("b_step"))
-)
+# The step's parents, each with its stored result if it has one. Correlated lookups, not
+# a join: with the join the planner could (and on a freshly filled table did) walk every
+# result of the workflow for each parent — 5 ms a claim on a 200-step chain.
+_stored = (_r.c.workflow_id == _e.c.workflow_id) & (_r.c.step == _e.c.parent)
+_PARENT_RESULTS = select(
+    _e.c.parent,
+    select(_r.c.attempt).where(_stored).scalar_subquery().label("attempt"),
+    select(_r.c.payload).where(_stored).scalar_subquery().label("payload"),
+).where(_e.c.workflow_id == bindparam("b_wf"), _e.c.child == bindparam("b_step"))
 
 
 def renew_lease(
