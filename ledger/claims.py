@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy import Connection, bindparam, exists, select, update
 
 from ledger import tables as t
 from ledger.db import lock_workflow
@@ -142,22 +142,7 @@ def claim_step(
 
     attempt = row["attempt"] + 1
     expires = now + timedelta(seconds=lease_seconds)
-    set_step_if(
-        conn,
-        workflow_id,
-        step,
-        StepState.AVAILABLE,
-        {
-            "state": StepState.EXECUTING.value,
-            "attempt": attempt,
-            "lease_owner": owner,
-            "lease_expires_at": expires,
-            "updated_at": now,
-        },
-    )
-    # A claim never finishes a workflow, so the counters move in place: no need for the
-    # locked row's values (which a hand-off claim's caller has already changed).
-    conn.execute(_CLAIM_COUNTERS, {"b_id": workflow_id, "b_now": now})
+    _take(conn, workflow_id, step, attempt=attempt, owner=owner, expires=expires, now=now)
 
     deps = referenced_steps(row["args"])
     # The stored results of the step's parents, in one statement.
@@ -212,6 +197,31 @@ _CLAIM_COUNTERS = (
         updated_at=bindparam("b_now"),
     )
 )
+_TAKE_STEP = (
+    update(_s)
+    .where(
+        _s.c.workflow_id == bindparam("b_wf"),
+        _s.c.name == bindparam("b_step"),
+        _s.c.state == StepState.AVAILABLE.value,
+    )
+    .values(
+        {
+            c: bindparam(f"bs_{c}")
+            for c in ("state", "attempt", "lease_owner", "lease_expires_at", "updated_at")
+        }
+    )
+    .returning(_s.c.name)
+    .cte("taken")
+)
+_TAKE = (
+    update(_w)
+    .where(_w.c.id == bindparam("b_wf"), exists(select(_TAKE_STEP.c.name)))
+    .values(
+        available_count=_w.c.available_count - 1,
+        executing_count=_w.c.executing_count + 1,
+        updated_at=bindparam("b_now"),
+    )
+)
 # The step's parents, each with its stored result if it has one. Correlated lookups, not
 # a join: with the join the planner could (and on a freshly filled table did) walk every
 # result of the workflow for each parent — 5 ms a claim on a 200-step chain.
@@ -221,6 +231,37 @@ _PARENT_RESULTS = select(
     select(_r.c.attempt).where(_stored).scalar_subquery().label("attempt"),
     select(_r.c.payload).where(_stored).scalar_subquery().label("payload"),
 ).where(_e.c.workflow_id == bindparam("b_wf"), _e.c.child == bindparam("b_step"))
+
+
+def _take(
+    conn: Connection,
+    workflow_id: str,
+    step: str,
+    *,
+    attempt: int,
+    owner: str,
+    expires: datetime,
+    now: datetime,
+) -> None:
+    """Move the step to `executing` under this lease, and the workflow's counters with it.
+
+    A claim never finishes a workflow, so the counters move in place: no need for the
+    locked row's values (which a hand-off claim's caller has already changed). On
+    PostgreSQL one statement, the step's update riding along as a CTE.
+    """
+    values = {
+        "state": StepState.EXECUTING.value,
+        "attempt": attempt,
+        "lease_owner": owner,
+        "lease_expires_at": expires,
+        "updated_at": now,
+    }
+    if conn.dialect.name == "postgresql":
+        params = {f"bs_{k}": v for k, v in values.items()}
+        conn.execute(_TAKE, {**params, "b_wf": workflow_id, "b_step": step, "b_now": now})
+        return
+    set_step_if(conn, workflow_id, step, StepState.AVAILABLE, values)
+    conn.execute(_CLAIM_COUNTERS, {"b_id": workflow_id, "b_now": now})
 
 
 def renew_lease(

@@ -156,11 +156,13 @@ def complete_step(
 
     changes = Changes()
     recorded = decision.status
-    conn.execute(
-        _INSERT_ATTEMPT,
-        {
-            "workflow_id": workflow_id,
-            "step": step,
+    new_state = state_for_status(recorded)
+    _record_outcome(
+        conn,
+        workflow_id,
+        step,
+        state,
+        attempt_row={
             "attempt": decision.record_attempt,
             "status": recorded.value,
             "payload": payload,
@@ -168,22 +170,9 @@ def complete_step(
             "source": source,
             "recorded_at": now,
         },
+        with_result=recorded is CompletionStatus.COMPLETED,
+        values=outcome_values(decision, now, retry_at),
     )
-    if recorded is CompletionStatus.COMPLETED:
-        conn.execute(
-            _INSERT_RESULT,
-            {
-                "workflow_id": workflow_id,
-                "step": step,
-                "attempt": decision.record_attempt,
-                "payload": payload,
-                "recorded_at": now,
-            },
-        )
-
-    new_state = state_for_status(recorded)
-    values = outcome_values(decision, now, retry_at)
-    set_step_if(conn, workflow_id, step, state, values)
     changes.move(state, new_state)
 
     if new_state in TERMINAL_STATES:
@@ -216,6 +205,39 @@ def _pick_hand_off(released: list[ReadyStep], queues: Collection[str]) -> ReadyS
     """The highest-priority released step of `queues`, the earliest released on a tie."""
     mine = [r for r in released if r.job == STEP_JOB and r.queue in queues]
     return min(mine, key=lambda r: -r.priority) if mine else None
+
+
+def _record_outcome(
+    conn: Connection,
+    workflow_id: str,
+    step: str,
+    expected: StepState,
+    *,
+    attempt_row: dict[str, Any],
+    with_result: bool,
+    values: dict[str, Any],
+) -> None:
+    """Write an applied outcome: its attempt row, its stored result (for a completion) and
+    the step's new state. On PostgreSQL one statement (the inserts ride along as
+    data-modifying CTEs); elsewhere three."""
+    if conn.dialect.name != "postgresql":
+        conn.execute(_INSERT_ATTEMPT, {"workflow_id": workflow_id, "step": step, **attempt_row})
+        if with_result:
+            conn.execute(
+                _INSERT_RESULT,
+                {
+                    "workflow_id": workflow_id,
+                    "step": step,
+                    "attempt": attempt_row["attempt"],
+                    "payload": attempt_row["payload"],
+                    "recorded_at": attempt_row["recorded_at"],
+                },
+            )
+        set_step_if(conn, workflow_id, step, expected, values)
+        return
+    params = {f"ba_{k}": v for k, v in attempt_row.items()}
+    params.update(values, b_wf=workflow_id, b_step=step, b_expected=expected.value)
+    conn.execute(_OUTCOME_WITH_RESULT if with_result else _OUTCOME, params)
 
 
 def mark_dispatched(
@@ -389,6 +411,33 @@ _MARK_STEP_DISPATCHED = update(_s).where(
     _s.c.dispatched_at.is_(None),
 )
 _UPDATE_WORKFLOW = update(_w).where(_w.c.id == bindparam("b_id"))
+# PostgreSQL: an outcome's attempt row (and stored result) inserted by the statement that
+# moves the step, as data-modifying CTEs — one round trip instead of three. The caller
+# holds the workflow lock, so the conditional update cannot miss.
+_attempt_values: dict[str, Any] = {
+    c: bindparam(f"ba_{c}")
+    for c in ("attempt", "status", "payload", "reason", "source", "recorded_at")
+}
+_OUTCOME_ATTEMPT = (
+    insert(_a)
+    .values(workflow_id=bindparam("b_wf"), step=bindparam("b_step"), **_attempt_values)
+    .returning(_a.c.attempt)
+    .cte("outcome_attempt")
+)
+_OUTCOME_RESULT = (
+    insert(t.results)
+    .values(
+        workflow_id=bindparam("b_wf"),
+        step=bindparam("b_step"),
+        attempt=bindparam("ba_attempt"),
+        payload=bindparam("ba_payload"),
+        recorded_at=bindparam("ba_recorded_at"),
+    )
+    .returning(t.results.c.attempt)
+    .cte("outcome_result")
+)
+_OUTCOME = _SET_STEP_IF.add_cte(_OUTCOME_ATTEMPT)
+_OUTCOME_WITH_RESULT = _SET_STEP_IF.add_cte(_OUTCOME_ATTEMPT, _OUTCOME_RESULT)
 _CHILDREN_OF = select(_e.c.child).where(
     _e.c.workflow_id == bindparam("b_wf"), _e.c.parent == bindparam("b_parent")
 )
