@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from ledger import tables as t
 from ledger.callbacks import CallbackNotFoundError
@@ -300,6 +300,26 @@ def complete_callback(
 # -- sweeps: dispatch, stale dispatch, expired leases, streams lost ------------------------
 
 
+# Run on every dispatcher pass: built once.
+_cb = t.callbacks
+_PROMOTE_DUE_CALLBACKS = (
+    update(_cb)
+    .where(_cb.c.state == StepState.RETRYABLE.value, _cb.c.scheduled_at <= bindparam("b_now"))
+    .values(
+        state=StepState.AVAILABLE.value,
+        scheduled_at=None,
+        dispatched_at=None,
+        updated_at=bindparam("b_now"),
+    )
+)
+_UNDISPATCHED_CALLBACKS = (
+    select(_cb.c.workflow_id, _cb.c.queue, _cb.c.priority)
+    .where(_cb.c.state == StepState.AVAILABLE.value, _cb.c.dispatched_at.is_(None))
+    .order_by(_cb.c.priority.desc(), _cb.c.updated_at)
+    .limit(bindparam("b_limit"))
+)
+
+
 def dispatch_callbacks(conn: Connection, now: datetime, limit: int = 500) -> tuple[ReadyStep, ...]:
     """Callbacks due for a retry go back to `available`; every available, undispatched
     callback is marked dispatched and returned for publishing (conditionally, so of two
@@ -307,19 +327,8 @@ def dispatch_callbacks(conn: Connection, now: datetime, limit: int = 500) -> tup
     c = t.callbacks
     if limit <= 0:
         return ()
-    conn.execute(
-        update(c)
-        .where(c.c.state == StepState.RETRYABLE.value, c.c.scheduled_at <= now)
-        .values(
-            state=StepState.AVAILABLE.value, scheduled_at=None, dispatched_at=None, updated_at=now
-        )
-    )
-    rows = conn.execute(
-        select(c.c.workflow_id, c.c.queue, c.c.priority)
-        .where(c.c.state == StepState.AVAILABLE.value, c.c.dispatched_at.is_(None))
-        .order_by(c.c.priority.desc(), c.c.updated_at)
-        .limit(limit)
-    ).all()
+    conn.execute(_PROMOTE_DUE_CALLBACKS, {"b_now": now})
+    rows = conn.execute(_UNDISPATCHED_CALLBACKS, {"b_limit": limit}).all()
     out = []
     for r in rows:
         marked = conn.execute(

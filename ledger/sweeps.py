@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, select
 
 from ledger import tables as t
 from ledger.callback_jobs import dispatch_callbacks, redispatch_stale_callbacks
@@ -20,6 +20,21 @@ from ledger.recoveries import record_recovery
 from ledger.rules import StepState
 from ledger.transitions import Changes, apply_changes, complete_step, mark_dispatched, set_step_if
 
+# The dispatcher runs these on every pass (ten a second when idle): built once.
+_s = t.steps
+_UNDISPATCHED = (
+    select(_s.c.workflow_id, _s.c.name, _s.c.queue, _s.c.priority)
+    .where(_s.c.state == StepState.AVAILABLE.value, _s.c.dispatched_at.is_(None))
+    .order_by(_s.c.priority.desc(), _s.c.available_at)
+    .limit(bindparam("b_limit"))
+)
+_DUE_RETRIES = (
+    select(_s.c.workflow_id, _s.c.name, _s.c.queue, _s.c.priority, _s.c.scheduled_at)
+    .where(_s.c.state == StepState.RETRYABLE.value, _s.c.scheduled_at <= bindparam("b_due"))
+    .order_by(_s.c.workflow_id, _s.c.name)
+    .limit(bindparam("b_limit"))
+)
+
 
 def dispatch_undispatched(
     conn: Connection, now: datetime, limit: int = 500
@@ -27,13 +42,7 @@ def dispatch_undispatched(
     """Available steps nobody dispatched yet (inserted roots, API completions, retries):
     mark them dispatched and return them for publishing, highest priority first; then
     the `on_finish` callbacks waiting to be sent, within the same `limit`."""
-    s = t.steps
-    rows = conn.execute(
-        select(s.c.workflow_id, s.c.name, s.c.queue, s.c.priority)
-        .where(s.c.state == StepState.AVAILABLE.value, s.c.dispatched_at.is_(None))
-        .order_by(s.c.priority.desc(), s.c.available_at)
-        .limit(limit)
-    ).all()
+    rows = conn.execute(_UNDISPATCHED, {"b_limit": limit}).all()
     candidates = [ReadyStep(r.workflow_id, r.name, r.queue, r.priority) for r in rows]
     steps = mark_dispatched(conn, candidates, now)
     # Then `on_finish` callbacks enqueued (or due for a retry) and not yet dispatched.
@@ -98,16 +107,8 @@ def promote_due_retries(
     With `overdue` (the reconciler's use) only retries due for at least that long are
     taken — the ones the dispatcher missed — and each gets a recovery row.
     """
-    s = t.steps
-    rows = conn.execute(
-        select(s.c.workflow_id, s.c.name, s.c.queue, s.c.priority, s.c.scheduled_at)
-        .where(
-            s.c.state == StepState.RETRYABLE.value,
-            s.c.scheduled_at <= now - (overdue or timedelta(0)),
-        )
-        .order_by(s.c.workflow_id, s.c.name)
-        .limit(limit)
-    ).all()
+    due = now - (overdue or timedelta(0))
+    rows = conn.execute(_DUE_RETRIES, {"b_due": due, "b_limit": limit}).all()
     promoted = []
     for workflow_id in dict.fromkeys(r.workflow_id for r in rows):
         wf = lock_workflow(conn, workflow_id)
