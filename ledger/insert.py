@@ -12,6 +12,11 @@ from ledger.ids import new_workflow_id
 from ledger.model import StepDefinition, WorkflowDefinition
 from ledger.rules import SEMANTICS_VERSION, AwaitState, StepState, await_deadline
 
+# Built once: an application inserting many workflows pays only for the parameters.
+_INSERT_WORKFLOW = insert(t.workflows)
+_INSERT_STEPS = insert(t.steps)
+_INSERT_EDGES = insert(t.edges)
+
 
 def insert_workflow(
     conn: Connection, definition: WorkflowDefinition, now: datetime | None = None
@@ -27,26 +32,27 @@ def insert_workflow(
     # A root step awaiting a signal starts pending, its await already active.
     roots = sum(1 for s in definition.steps if not s.deps and s.await_signal is None)
     conn.execute(
-        insert(t.workflows).values(
-            id=workflow_id,
-            name=definition.name,
-            state="running",
-            outcome=None,
-            semantics_version=SEMANTICS_VERSION,
-            context=definition.context,
-            step_count=len(definition.steps),
-            pending_count=len(definition.steps) - roots,
-            available_count=roots,
-            needs_review=False,
-            created_at=now,
-            updated_at=now,
-            on_finish=definition.on_finish.to_json() if definition.on_finish else None,
-        )
+        _INSERT_WORKFLOW,
+        {
+            "id": workflow_id,
+            "name": definition.name,
+            "state": "running",
+            "outcome": None,
+            "semantics_version": SEMANTICS_VERSION,
+            "context": definition.context,
+            "step_count": len(definition.steps),
+            "pending_count": len(definition.steps) - roots,
+            "available_count": roots,
+            "needs_review": False,
+            "created_at": now,
+            "updated_at": now,
+            "on_finish": definition.on_finish.to_json() if definition.on_finish else None,
+        },
     )
     if roots:
         notify_dispatcher(conn)
     conn.execute(
-        insert(t.steps),
+        _INSERT_STEPS,
         [
             {
                 "workflow_id": workflow_id,
@@ -73,7 +79,7 @@ def insert_workflow(
         for parent, policy in s.deps
     ]
     if edge_rows:
-        conn.execute(insert(t.edges), edge_rows)
+        conn.execute(_INSERT_EDGES, edge_rows)
     await_rows = [
         {
             "workflow_id": workflow_id,
