@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, exists, select, update
+from sqlalchemy import Connection, bindparam, exists, func, select, update
 
 from ledger import tables as t
 from ledger.db import lock_workflow
@@ -107,7 +107,9 @@ def claim_step(
     """
     if not workflow_locked:
         lock_workflow(conn, workflow_id)
-    row = conn.execute(_CLAIM_READ, {"b_wf": workflow_id, "b_step": step}).mappings().first()
+    postgres = conn.dialect.name == "postgresql"
+    read = _CLAIM_READ_WITH_RESULTS if postgres else _CLAIM_READ
+    row = conn.execute(read, {"b_wf": workflow_id, "b_step": step}).mappings().first()
     if row is None:
         raise step_not_found(conn, workflow_id, step)
     state = StepState(row["state"])
@@ -146,11 +148,9 @@ def claim_step(
 
     deps = referenced_steps(row["args"])
     # The stored results of the step's parents, in one statement.
-    results: dict[str, Any] = {
-        x.parent: x.payload
-        for x in conn.execute(_PARENT_RESULTS, {"b_wf": workflow_id, "b_step": step})
-        if x.attempt is not None  # a parent without a stored result (it did not complete)
-    }
+    results: dict[str, Any] = (
+        row["parent_results"] or {} if postgres else _parent_results(conn, workflow_id, step)
+    )
     args, _missing = resolve(row["args"], results) if deps else (row["args"], [])
     signal = row["released_by_signal"]
     return Claim(
@@ -231,6 +231,30 @@ _PARENT_RESULTS = select(
     select(_r.c.attempt).where(_stored).scalar_subquery().label("attempt"),
     select(_r.c.payload).where(_stored).scalar_subquery().label("payload"),
 ).where(_e.c.workflow_id == bindparam("b_wf"), _e.c.child == bindparam("b_step"))
+# PostgreSQL: the parents' stored results ride along with the claim's read, as one JSON
+# object built by the same correlated lookups (a parent without a result is left out).
+_pe = t.edges.alias("pe")
+_pstored = (_r.c.workflow_id == _pe.c.workflow_id) & (_r.c.step == _pe.c.parent)
+_CLAIM_READ_WITH_RESULTS = _CLAIM_READ.add_columns(
+    select(
+        func.json_object_agg(_pe.c.parent, select(_r.c.payload).where(_pstored).scalar_subquery())
+    )
+    .where(
+        _pe.c.workflow_id == _s.c.workflow_id,
+        _pe.c.child == _s.c.name,
+        exists(select(_r.c.attempt).where(_pstored)),
+    )
+    .scalar_subquery()
+    .label("parent_results")
+)
+
+
+def _parent_results(conn: Connection, workflow_id: str, step: str) -> dict[str, Any]:
+    return {
+        x.parent: x.payload
+        for x in conn.execute(_PARENT_RESULTS, {"b_wf": workflow_id, "b_step": step})
+        if x.attempt is not None  # a parent without a stored result (it did not complete)
+    }
 
 
 def _take(
