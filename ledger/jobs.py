@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Connection
@@ -71,19 +72,12 @@ def complete_job(
 ) -> CompletionResult:
     """`hand_off_queues`: see `complete_step` (a callback releases nothing)."""
     _check(job)
-    if job == CALLBACK_JOB:
-        return complete_callback(
-            conn,
-            workflow_id,
-            step,
-            status,
-            payload,
-            attempt=attempt,
-            source=source,
-            now=now,
-            dispatch=dispatch,
-        )
-    return complete_step(
+    complete = (
+        complete_callback
+        if job == CALLBACK_JOB
+        else partial(complete_step, hand_off_queues=hand_off_queues)
+    )
+    return complete(
         conn,
         workflow_id,
         step,
@@ -93,7 +87,6 @@ def complete_job(
         source=source,
         now=now,
         dispatch=dispatch,
-        hand_off_queues=hand_off_queues,
     )
 
 
