@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Connection, insert, select, update
 
 from ledger import tables as t
+from ledger.changes import Changes
 from ledger.db import lock_workflow
 from ledger.model import CancelRequestRecord, CancelResult
 from ledger.reads import workflow_row
@@ -30,7 +31,7 @@ from ledger.rules import (
     cancelled_by_request,
     classify_cancel,
 )
-from ledger.transitions import Changes, apply_changes, set_step_if
+from ledger.transitions import apply_changes, set_step_if
 
 #: `terminal_cause` of a step cancelled by a cancel request.
 WORKFLOW_CANCELLED = "workflow_cancelled"

@@ -14,13 +14,14 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, exists, func, select, update
 
 from ledger import tables as t
+from ledger.changes import Changes
 from ledger.db import lock_workflow
 from ledger.evidence import record_evidence
 from ledger.model import STEP_JOB
 from ledger.placeholders import referenced_steps, resolve
 from ledger.rules import ClaimVerdict, StepState, classify_claim
 from ledger.steps import step_not_found
-from ledger.transitions import Changes, apply_changes, set_step_if
+from ledger.transitions import apply_changes, set_step_if
 
 #: A message is stale when published this much before its step's latest offer; the
 #: margin absorbs clock differences between the hosts that release and dispatch.

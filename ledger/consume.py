@@ -24,11 +24,12 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, insert, literal_column, select, text, tuple_
 
 from ledger import tables as t
+from ledger.changes import Changes
 from ledger.db import lock_workflow
 from ledger.model import ReadyStep
 from ledger.recoveries import record_recovery
 from ledger.rules import TERMINAL_STATES, StepState
-from ledger.transitions import Changes, apply_changes, mark_dispatched, reconcile_descendants
+from ledger.transitions import apply_changes, mark_dispatched, reconcile_descendants
 
 
 @dataclass(frozen=True, slots=True)

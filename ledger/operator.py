@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Table, select, update
 
 from ledger import tables as t
 from ledger.blockers import Label, StepFacts, diagnose
+from ledger.changes import Changes
 from ledger.db import lock_workflow
 from ledger.errors import LedgerError
 from ledger.evidence import record_evidence
@@ -33,7 +34,7 @@ from ledger.rules import (
     decide_child,
 )
 from ledger.steps import step_not_found
-from ledger.transitions import Changes, apply_changes, reconcile_descendants, set_step_if
+from ledger.transitions import apply_changes, reconcile_descendants, set_step_if
 
 WORKFLOW_STATES = ("running", "finished")
 WORKFLOW_OUTCOMES = ("completed", "failed", "cancelled")

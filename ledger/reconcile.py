@@ -17,12 +17,14 @@ from sqlalchemy import Connection, String, and_, cast, exists, insert, select, u
 
 from ledger import tables as t
 from ledger.callback_jobs import undispatch_all_callbacks
+from ledger.changes import Changes
+from ledger.children import children_with_deps
 from ledger.db import lock_event, lock_workflow
 from ledger.evidence import record_evidence
 from ledger.model import ReadyStep
 from ledger.recoveries import record_recovery
 from ledger.rules import TERMINAL_STATES, AwaitState, StepState
-from ledger.transitions import Changes, apply_changes, children_with_deps, reconcile_descendants
+from ledger.transitions import apply_changes, reconcile_descendants
 
 _TERMINAL = [s.value for s in TERMINAL_STATES]
 

@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import Connection, insert, select, update
 
 from ledger import tables as t
+from ledger.changes import Changes
 from ledger.db import lock_workflow
 from ledger.errors import LedgerError
 from ledger.jsonsafe import json_problems
@@ -40,7 +41,6 @@ from ledger.rules import (
     classify_signal,
 )
 from ledger.transitions import (
-    Changes,
     _flag_for_review,
     apply_changes,
     close_await,

@@ -14,11 +14,12 @@ from sqlalchemy import Connection, bindparam, select
 
 from ledger import tables as t
 from ledger.callback_jobs import dispatch_callbacks, redispatch_stale_callbacks
+from ledger.changes import Changes
 from ledger.db import lock_workflow
 from ledger.model import CompletionResult, ReadyStep
 from ledger.recoveries import record_recovery
 from ledger.rules import StepState
-from ledger.transitions import Changes, apply_changes, complete_step, mark_dispatched, set_step_if
+from ledger.transitions import apply_changes, complete_step, mark_dispatched, set_step_if
 
 # The dispatcher runs these on every pass (ten a second when idle): built once.
 _s = t.steps

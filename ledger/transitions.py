@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,6 +12,8 @@ from sqlalchemy import Connection, bindparam, insert, select, update
 
 from ledger import tables as t
 from ledger.callbacks import enqueue_callback
+from ledger.changes import Changes, workflow_update
+from ledger.children import children_with_deps
 from ledger.db import lock_workflow, notify_dispatcher
 from ledger.errors import InvalidCompletionError
 from ledger.evidence import record_evidence
@@ -21,26 +22,18 @@ from ledger.model import CALLBACK_JOB, STEP_JOB, CompletionResult, ReadyStep
 from ledger.rules import (
     TERMINAL_STATES,
     AwaitState,
-    ChildDecision,
     Classification,
     CompletionDecision,
     CompletionStatus,
-    DependencyView,
-    EdgePolicy,
     RecordedAttempt,
     StepSnapshot,
     StepState,
     await_deadline,
     classify_completion,
-    decide_child,
     retry_delay_seconds,
     state_for_status,
-    workflow_outcome,
 )
 from ledger.steps import step_not_found
-
-#: The workflow counter column for each step state.
-COUNTER_COLUMNS: dict[StepState, str] = {s: f"{s.value}_count" for s in StepState}
 
 _REJECTIONS = {
     "dependencies_not_satisfied": (
@@ -59,23 +52,6 @@ def parse_status(status: str | CompletionStatus) -> CompletionStatus:
     except ValueError:
         allowed = ", ".join(s.value for s in CompletionStatus)
         raise InvalidCompletionError(f"unknown status {status!r}; use one of: {allowed}") from None
-
-
-@dataclass
-class Changes:
-    """State moves made in this transaction, so the workflow counters follow exactly."""
-
-    delta: dict[StepState, int] = field(default_factory=lambda: dict.fromkeys(StepState, 0))
-    released: list[str] = field(default_factory=list)
-    cancelled: list[str] = field(default_factory=list)
-    #: Released steps with their queues, in release order.
-    ready: list[ReadyStep] = field(default_factory=list)
-    #: Steps whose dependencies are satisfied and whose await became active.
-    awaiting: list[str] = field(default_factory=list)
-
-    def move(self, old: StepState, new: StepState) -> None:
-        self.delta[old] -= 1
-        self.delta[new] += 1
 
 
 def complete_step(
@@ -438,34 +414,6 @@ _OUTCOME_RESULT = (
 )
 _OUTCOME = _SET_STEP_IF.add_cte(_OUTCOME_ATTEMPT)
 _OUTCOME_WITH_RESULT = _SET_STEP_IF.add_cte(_OUTCOME_ATTEMPT, _OUTCOME_RESULT)
-_CHILDREN_OF = select(_e.c.child).where(
-    _e.c.workflow_id == bindparam("b_wf"), _e.c.parent == bindparam("b_parent")
-)
-_p, _c, _aw = t.steps.alias("p"), t.steps.alias("c"), t.awaits
-_CHILDREN_WITH_DEPS = (
-    select(
-        _e.c.child,
-        _e.c.parent,
-        _e.c.policy,
-        _p.c.state.label("parent_state"),
-        _p.c.terminal_cause,
-        _p.c.cancel_root_step,
-        _c.c.state.label("child_state"),
-        _c.c.queue,
-        _c.c.priority,
-        _aw.c.state.label("await_state"),
-        _aw.c.signal_id,
-        _aw.c.deadline_ms,
-    )
-    .join(_p, (_p.c.workflow_id == _e.c.workflow_id) & (_p.c.name == _e.c.parent))
-    .join(_c, (_c.c.workflow_id == _e.c.workflow_id) & (_c.c.name == _e.c.child))
-    .outerjoin(_aw, (_aw.c.workflow_id == _e.c.workflow_id) & (_aw.c.step == _e.c.child))
-    .where(
-        _e.c.workflow_id == bindparam("b_wf"),
-        _e.c.child.in_(bindparam("b_kids", expanding=True)),
-    )
-    .order_by(_c.c.position, _p.c.position)
-)
 
 
 def _step_and_history(
@@ -486,59 +434,6 @@ def _step_and_history(
         if r.h_attempt is not None
     }
     return row, history
-
-
-@dataclass
-class _Child:
-    name: str
-    state: StepState
-    queue: str
-    priority: int
-    #: Every dependency, with the root cause to record if that dependency cancels it.
-    deps: list[tuple[DependencyView, str]] = field(default_factory=list)
-    #: Its await, if it waits for a signal too: state, accepted signal, deadline length.
-    await_state: AwaitState | None = None
-    signal_id: int | None = None
-    deadline_ms: int | None = None
-
-    @property
-    def awaiting_signal(self) -> bool:
-        """It has an await and no signal was accepted for it yet."""
-        return self.await_state is not None and self.signal_id is None
-
-    def decide(self) -> ChildDecision:
-        return decide_child([d for d, _ in self.deps], awaiting_signal=self.awaiting_signal)
-
-
-def children_with_deps(conn: Connection, workflow_id: str, parent: str) -> list[_Child]:
-    """Each child of `parent` with all of its dependencies, ordered by position."""
-    # Two statements, not one with a subquery: given the children by name, the planner
-    # walks the primary keys from them. With the subquery it could start from every edge
-    # of the workflow instead (it did, on a freshly filled table: 12 ms per hop on a
-    # 200-step chain, growing with the square of the workflow's size).
-    children = list(conn.execute(_CHILDREN_OF, {"b_wf": workflow_id, "b_parent": parent}).scalars())
-    if not children:
-        return []
-    rows = conn.execute(_CHILDREN_WITH_DEPS, {"b_wf": workflow_id, "b_kids": children}).all()
-    grouped: dict[str, _Child] = {}
-    for r in rows:
-        child = grouped.setdefault(
-            r.child,
-            _Child(
-                r.child,
-                StepState(r.child_state),
-                r.queue,
-                r.priority,
-                await_state=None if r.await_state is None else AwaitState(r.await_state),
-                signal_id=r.signal_id,
-                deadline_ms=r.deadline_ms,
-            ),
-        )
-        root = r.cancel_root_step if r.terminal_cause == "cancelled_by_dependency" else r.parent
-        child.deps.append(
-            (DependencyView(r.parent, StepState(r.parent_state), EdgePolicy(r.policy)), root)
-        )
-    return list(grouped.values())
 
 
 def set_step_if(
@@ -562,18 +457,12 @@ def apply_changes(
     Returns the outcome this call recorded (None if the workflow is still running, or had
     finished before: a recorded outcome is never rewritten here).
     """
-    counts = {s: wf[COUNTER_COLUMNS[s]] + changes.delta[s] for s in StepState}
-    outcome = workflow_outcome(counts, cancel_requested=cancel_requested)
-    if wf["state"] == "finished":
-        outcome = None
-    values: dict[str, Any] = {COUNTER_COLUMNS[s]: counts[s] for s in StepState}
-    values["updated_at"] = now
-    if outcome is not None:
-        values.update(state="finished", outcome=outcome, finished_at=now)
-    conn.execute(_UPDATE_WORKFLOW, {**values, "b_id": wf["id"]})
+    update_ = workflow_update(wf, changes, now, cancel_requested=cancel_requested)
+    outcome = update_.outcome
+    conn.execute(_UPDATE_WORKFLOW, {**update_.values, "b_id": wf["id"]})
     if outcome is not None:
         # In the transaction that records the outcome: the callback is enqueued with it.
-        enqueue_callback(conn, wf, outcome, counts, now)
+        enqueue_callback(conn, wf, outcome, update_.counts, now)
     return outcome
 
 

@@ -1,0 +1,106 @@
+"""A finished step's children, each with every one of its dependencies: what deciding
+their fate (`ledger.rules.decide_child`) needs, in one statement."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy import Connection, bindparam, func, select
+
+from ledger import tables as t
+from ledger.rules import (
+    AwaitState,
+    ChildDecision,
+    DependencyView,
+    EdgePolicy,
+    StepState,
+    decide_child,
+)
+
+
+@dataclass
+class Child:
+    name: str
+    state: StepState
+    queue: str
+    priority: int
+    #: Every dependency, with the root cause to record if that dependency cancels it.
+    deps: list[tuple[DependencyView, str]] = field(default_factory=list)
+    #: Its await, if it waits for a signal too: state, accepted signal, deadline length.
+    await_state: AwaitState | None = None
+    signal_id: int | None = None
+    deadline_ms: int | None = None
+
+    @property
+    def awaiting_signal(self) -> bool:
+        """It has an await and no signal was accepted for it yet."""
+        return self.await_state is not None and self.signal_id is None
+
+    def decide(self) -> ChildDecision:
+        return decide_child([d for d, _ in self.deps], awaiting_signal=self.awaiting_signal)
+
+
+# PostgreSQL: the children's names are gathered first (an InitPlan on the
+# (workflow_id, parent) index) and their edges then read by `child = ANY(those)`, one
+# statement. A plain `child IN (subquery)` let the planner start from every edge of the
+# workflow and join its way down (on a freshly filled table: 12 ms a hop on a 200-step
+# chain, growing with the square of the workflow's size).
+_e, _de = t.edges, t.edges.alias("de")
+_p, _c, _aw = t.steps.alias("p"), t.steps.alias("c"), t.awaits
+_kids = (
+    select(_e.c.child.label("kid"))
+    .where(_e.c.workflow_id == bindparam("b_wf"), _e.c.parent == bindparam("b_parent"))
+    .subquery("kids")
+)
+_dep_columns = (
+    select(
+        _de.c.child,
+        _de.c.parent,
+        _de.c.policy,
+        _p.c.state.label("parent_state"),
+        _p.c.terminal_cause,
+        _p.c.cancel_root_step,
+        _c.c.state.label("child_state"),
+        _c.c.queue,
+        _c.c.priority,
+        _aw.c.state.label("await_state"),
+        _aw.c.signal_id,
+        _aw.c.deadline_ms,
+    )
+    .join(_p, (_p.c.workflow_id == _de.c.workflow_id) & (_p.c.name == _de.c.parent))
+    .join(_c, (_c.c.workflow_id == _de.c.workflow_id) & (_c.c.name == _de.c.child))
+    .outerjoin(_aw, (_aw.c.workflow_id == _de.c.workflow_id) & (_aw.c.step == _de.c.child))
+    .where(_de.c.workflow_id == bindparam("b_wf"))
+)
+CHILDREN_WITH_DEPS = _dep_columns.where(
+    _de.c.child == func.any(func.array(select(_kids.c.kid).scalar_subquery()))
+).order_by(_c.c.position, _p.c.position)
+# SQLite has no arrays; its planner takes the IN list as given.
+CHILDREN_WITH_DEPS_SQLITE = _dep_columns.where(_de.c.child.in_(select(_kids.c.kid))).order_by(
+    _c.c.position, _p.c.position
+)
+
+
+def children_with_deps(conn: Connection, workflow_id: str, parent: str) -> list[Child]:
+    """Each child of `parent` with all of its dependencies, ordered by position."""
+    query = CHILDREN_WITH_DEPS if conn.dialect.name == "postgresql" else CHILDREN_WITH_DEPS_SQLITE
+    rows = conn.execute(query, {"b_wf": workflow_id, "b_parent": parent}).all()
+    grouped: dict[str, Child] = {}
+    for r in rows:
+        child = grouped.setdefault(
+            r.child,
+            Child(
+                r.child,
+                StepState(r.child_state),
+                r.queue,
+                r.priority,
+                await_state=None if r.await_state is None else AwaitState(r.await_state),
+                signal_id=r.signal_id,
+                deadline_ms=r.deadline_ms,
+            ),
+        )
+        root = r.cancel_root_step if r.terminal_cause == "cancelled_by_dependency" else r.parent
+        child.deps.append(
+            (DependencyView(r.parent, StepState(r.parent_state), EdgePolicy(r.policy)), root)
+        )
+    return list(grouped.values())
