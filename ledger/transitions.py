@@ -19,6 +19,7 @@ from ledger.errors import InvalidCompletionError
 from ledger.evidence import record_evidence
 from ledger.jsonsafe import json_problems
 from ledger.model import CALLBACK_JOB, STEP_JOB, CompletionResult, ReadyStep
+from ledger.planned_outcome import plan_releases, write_planned_outcome
 from ledger.rules import (
     TERMINAL_STATES,
     AwaitState,
@@ -133,35 +134,63 @@ def complete_step(
     changes = Changes()
     recorded = decision.status
     new_state = state_for_status(recorded)
-    _record_outcome(
-        conn,
-        workflow_id,
-        step,
-        state,
-        attempt_row={
-            "attempt": decision.record_attempt,
-            "status": recorded.value,
-            "payload": payload,
-            "reason": decision.reason or reason,
-            "source": source,
-            "recorded_at": now,
-        },
-        with_result=recorded is CompletionStatus.COMPLETED,
-        values=outcome_values(decision, now, retry_at),
-    )
+    attempt_row = {
+        "attempt": decision.record_attempt,
+        "status": recorded.value,
+        "payload": payload,
+        "reason": decision.reason or reason,
+        "source": source,
+        "recorded_at": now,
+    }
+    with_result = recorded is CompletionStatus.COMPLETED
+    values = outcome_values(decision, now, retry_at)
     changes.move(state, new_state)
-
-    if new_state in TERMINAL_STATES:
-        reconcile_descendants(conn, workflow_id, [step], changes, now)
-
     ready: tuple[ReadyStep, ...] = ()
     hand_off: ReadyStep | None = None
-    if dispatch and changes.ready:
-        hand_off = _pick_hand_off(changes.ready, hand_off_queues)
-        ready = mark_dispatched(conn, [r for r in changes.ready if r is not hand_off], now)
-    elif changes.ready:
-        notify_dispatcher(conn)  # released children for the dispatcher to publish
-    outcome = apply_changes(conn, wf, changes, now)
+
+    releases = None
+    if conn.dialect.name == "postgresql" and new_state in TERMINAL_STATES:
+        releases = plan_releases(conn, workflow_id, step, new_state)
+    if releases is not None:
+        # PostgreSQL, and nothing beyond plain releases follows: one statement.
+        if dispatch:
+            candidates = [ReadyStep(workflow_id, k.name, k.queue, k.priority) for k in releases]
+            hand_off = _pick_hand_off(candidates, hand_off_queues)
+        outcome = write_planned_outcome(
+            conn,
+            wf,
+            step,
+            state,
+            attempt_row=attempt_row,
+            with_result=with_result,
+            values=values,
+            releases=releases,
+            undispatched=hand_off.step if hand_off is not None else None,
+            dispatch=dispatch,
+            changes=changes,
+        ).outcome
+        if dispatch:
+            ready = tuple(r for r in changes.ready if r != hand_off)
+        elif changes.ready:
+            notify_dispatcher(conn)  # released children for the dispatcher to publish
+    else:
+        _record_outcome(
+            conn,
+            workflow_id,
+            step,
+            state,
+            attempt_row=attempt_row,
+            with_result=with_result,
+            values=values,
+        )
+        if new_state in TERMINAL_STATES:
+            reconcile_descendants(conn, workflow_id, [step], changes, now)
+        if dispatch and changes.ready:
+            hand_off = _pick_hand_off(changes.ready, hand_off_queues)
+            ready = mark_dispatched(conn, [r for r in changes.ready if r is not hand_off], now)
+        elif changes.ready:
+            notify_dispatcher(conn)  # released children for the dispatcher to publish
+        outcome = apply_changes(conn, wf, changes, now)
     return CompletionResult(
         workflow_id=workflow_id,
         step=step,
