@@ -298,6 +298,18 @@ def run_hot_path(engine: Engine) -> list[Captured]:
             "callback",
             lambda c: complete_callback(c, wid, payload=None, attempt=cb.attempt, now=now),
         )
+        rec.current = "insert"
+        chain = (
+            Workflow.new(name="handed")
+            .add("x", Noop.new({}))
+            .add("y", Noop.new({"x": Workflow.result("x")}), deps=["x"])
+        )
+        handed = Workflow.insert(chain, engine).id
+        x = rec.phase(
+            "claim", lambda c: claim_step(c, handed, "x", owner="w1", lease_seconds=lease, now=now)
+        )
+        assert isinstance(x, Claim)
+        rec.phase("hand-off", lambda c: _hand_off(c, x, lease, now))
         rec.current = "cancel"
         other = Workflow.insert(wf, engine).id
         rec.phase("cancel", lambda c: cancel_workflow(c, other, reason="plans", now=now))
@@ -314,6 +326,33 @@ def run_hot_path(engine: Engine) -> list[Captured]:
         rec.phase("prune", lambda c: find_prunable(c, cutoff, 10))
         rec.phase("prune", lambda c: prune_batch(c, cutoff, 10))
     return list(rec.statements.values())
+
+
+def _hand_off(conn: Connection, parent: Claim, lease: float, now: datetime) -> None:
+    """The worker's hand-off: the outcome releases the child, the same transaction claims it."""
+    done = complete_step(
+        conn,
+        parent.workflow_id,
+        parent.step,
+        "completed",
+        1,
+        attempt=parent.attempt,
+        source="worker",
+        now=now,
+        dispatch=True,
+        hand_off_queues=(parent.queue,),
+    )
+    assert done.hand_off is not None
+    child = claim_step(
+        conn,
+        parent.workflow_id,
+        done.hand_off.step,
+        owner="w1",
+        lease_seconds=lease,
+        now=now,
+        workflow_locked=True,
+    )
+    assert isinstance(child, Claim) and child.args == {"x": 1}
 
 
 # -- the plans -------------------------------------------------------------------------------

@@ -106,9 +106,13 @@ def claim_step(
     worker's hand-off claims a child in its parent's outcome transaction), so it is not
     taken again.
     """
+    postgres = conn.dialect.name == "postgresql"
     if not workflow_locked:
         lock_workflow(conn, workflow_id)
-    postgres = conn.dialect.name == "postgresql"
+    elif postgres and message_at is None:
+        taken = _take_at_once(conn, workflow_id, step, owner, lease_seconds, now)
+        if taken is not None:
+            return taken
     read = _CLAIM_READ_WITH_RESULTS if postgres else _CLAIM_READ
     row = conn.execute(read, {"b_wf": workflow_id, "b_step": step}).mappings().first()
     if row is None:
@@ -248,6 +252,118 @@ _CLAIM_READ_WITH_RESULTS = _CLAIM_READ.add_columns(
     .scalar_subquery()
     .label("parent_results")
 )
+
+
+# PostgreSQL, a hand-off claim (the workflow locked, the step just released, no message to
+# judge): the take and the claim's read are one statement. The step's move is a CTE; the
+# workflow's counters move only if it took the step, and the claim's columns come back
+# through that update's RETURNING.
+_TAKEN = (
+    update(_s)
+    .where(
+        _s.c.workflow_id == bindparam("b_wf"),
+        _s.c.name == bindparam("b_step"),
+        _s.c.state == StepState.AVAILABLE.value,
+    )
+    .values(
+        state=StepState.EXECUTING.value,
+        attempt=_s.c.attempt + 1,
+        lease_owner=bindparam("bs_lease_owner"),
+        lease_expires_at=bindparam("bs_lease_expires_at"),
+        updated_at=bindparam("b_now"),
+    )
+    .returning(
+        _s.c.workflow_id,
+        _s.c.name,
+        _s.c.attempt,
+        _s.c.max_attempts,
+        _s.c.worker,
+        _s.c.queue,
+        _s.c.args,
+        _s.c.available_at,
+    )
+    .cte("taken")
+)
+_tstored = (_r.c.workflow_id == _pe.c.workflow_id) & (_r.c.step == _pe.c.parent)
+_TAKE_AT_ONCE = (
+    update(_w)
+    .where(_w.c.id == bindparam("b_wf"), _w.c.id == _TAKEN.c.workflow_id)
+    .values(
+        available_count=_w.c.available_count - 1,
+        executing_count=_w.c.executing_count + 1,
+        updated_at=bindparam("b_now"),
+    )
+    .returning(
+        _TAKEN.c.attempt,
+        _TAKEN.c.max_attempts,
+        _TAKEN.c.worker,
+        _TAKEN.c.queue,
+        _TAKEN.c.args,
+        _TAKEN.c.available_at,
+        _w.c.name.label("workflow_name"),
+        _w.c.context.label("workflow_context"),
+        select(_sg.c.payload)
+        .join(_aw, _aw.c.signal_id == _sg.c.id)
+        .where(_aw.c.workflow_id == _TAKEN.c.workflow_id, _aw.c.step == _TAKEN.c.name)
+        .scalar_subquery()
+        .label("released_by_signal"),
+        select(
+            func.json_object_agg(
+                _pe.c.parent, select(_r.c.payload).where(_tstored).scalar_subquery()
+            )
+        )
+        .where(
+            _pe.c.workflow_id == _TAKEN.c.workflow_id,
+            _pe.c.child == _TAKEN.c.name,
+            exists(select(_r.c.attempt).where(_tstored)),
+        )
+        .scalar_subquery()
+        .label("parent_results"),
+    )
+)
+
+
+def _take_at_once(
+    conn: Connection,
+    workflow_id: str,
+    step: str,
+    owner: str,
+    lease_seconds: float,
+    now: datetime,
+) -> Claim | None:
+    """The hand-off claim in one statement; None if the step was not available (the
+    caller then takes the general path, which records why)."""
+    expires = now + timedelta(seconds=lease_seconds)
+    params = {
+        "b_wf": workflow_id,
+        "b_step": step,
+        "b_now": now,
+        "bs_lease_owner": owner,
+        "bs_lease_expires_at": expires,
+    }
+    row = conn.execute(_TAKE_AT_ONCE, params).mappings().first()
+    if row is None:
+        return None
+    results: dict[str, Any] = row["parent_results"] or {}
+    args = row["args"]
+    if referenced_steps(args):
+        args, _missing = resolve(args, results)
+    return Claim(
+        workflow_id=workflow_id,
+        workflow_name=row["workflow_name"],
+        step=step,
+        attempt=row["attempt"],
+        max_attempts=row["max_attempts"],
+        worker=row["worker"],
+        queue=row["queue"],
+        args=args,
+        workflow_context=row["workflow_context"],
+        dependency_results=results,
+        lease_owner=owner,
+        lease_expires_at=expires,
+        available_at=row["available_at"],
+        signal=row["released_by_signal"],
+    )
 
 
 def _parent_results(conn: Connection, workflow_id: str, step: str) -> dict[str, Any]:

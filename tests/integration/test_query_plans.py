@@ -53,6 +53,7 @@ def test_the_capture_saw_every_part_of_the_hot_path(planned: list[Planned]) -> N
         "claim",
         "renew",
         "complete",
+        "hand-off",
         "consume",
         "signal",
         "release",
