@@ -38,6 +38,7 @@ from streamflow.engine.retrying import is_transient, retrying
 from streamflow.logs import log_event
 from streamflow.streams.codec import CompletionEvent, MalformedEntry, decode_ready
 from streamflow.streams.keys import StreamKeys
+from streamflow.streams.outbox import CompletionOutbox
 from streamflow.streams.publisher import Publisher
 from streamflow.streams.transport import Entry, StreamTransport
 
@@ -105,6 +106,9 @@ class WorkerRuntime:
         self.keys = keys
         self.config = config
         self.publisher = Publisher(transport, keys)
+        # Completion events leave on a thread of their own: a step thread never waits on
+        # Redis for one (see `streamflow.streams.outbox`).
+        self.completions = CompletionOutbox(self.publisher)
         # Claims and outcomes of steps running at the same moment share commits.
         self.ledger = GroupCommitter(engine)
         self.streams = keys.ready_streams(list(config.queues))
@@ -131,6 +135,7 @@ class WorkerRuntime:
             target=self._heartbeat, args=(stop,), daemon=True, name=f"{cfg.name}-heartbeat"
         )
         heartbeat.start()
+        self.completions.start()
         next_takeover = 0.0
         while not stop.is_set():
             if not self._slots.acquire(timeout=cfg.block_ms / 1000):
@@ -163,6 +168,7 @@ class WorkerRuntime:
                 self._start_handler(entry)
         self._stopping.set()
         self._drain()
+        self.completions.close()
         grouped = self.ledger.stats
         log_event(
             "worker.stopped",
@@ -470,7 +476,7 @@ class WorkerRuntime:
         if ready and not self.publisher.publish_ready(ready_messages(ready)):
             # Hand them back to the dispatcher rather than wait for the stale deadline.
             in_transaction(self.engine, lambda conn: unmark_dispatched(conn, ready))
-        self.publisher.publish_completion(
+        self.completions.put(
             CompletionEvent(
                 claim.workflow_id,
                 claim.step,

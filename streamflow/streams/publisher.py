@@ -36,6 +36,13 @@ class Publisher:
         item = (self.keys.completions_for(event.workflow_id), encode(event))
         return self._publish("completion", [item], event.workflow_id, event.step)
 
+    def publish_completions(self, events: Sequence[CompletionEvent]) -> bool:
+        """XADD each event to its completion stream, in order, in one round trip."""
+        if not events:
+            return True
+        items = [(self.keys.completions_for(e.workflow_id), encode(e)) for e in events]
+        return self._publish("completion", items, events[0].workflow_id, events[0].step)
+
     def publish_ready(self, messages: Sequence[ReadyMessage]) -> bool:
         """XADD each message to its queue's ready stream in one round trip."""
         if not messages:
