@@ -3,9 +3,12 @@ their fate (`ledger.rules.decide_child`) needs, in one statement."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, select
+from sqlalchemy import Connection, bindparam, func, literal_column, select
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 
 from ledger import tables as t
 from ledger.rules import (
@@ -75,6 +78,32 @@ _dep_columns = (
 CHILDREN_WITH_DEPS = _dep_columns.where(
     _de.c.child == func.any(func.array(select(_kids.c.kid).scalar_subquery()))
 ).order_by(_c.c.position, _p.c.position)
+# The same rows as one JSON array, for a statement that reads more than the children
+# (`ledger.transitions`: the finished step's row and history come with them).
+_json_pairs = [x for c in _dep_columns.selected_columns for x in (literal_column(f"'{c.name}'"), c)]
+CHILDREN_JSON = (
+    select(
+        func.json_agg(
+            aggregate_order_by(
+                func.json_build_object(
+                    *(
+                        x
+                        for c in _dep_columns.selected_columns
+                        for x in (literal_column(f"'{c.name}'"), c)
+                    )
+                ),
+                _c.c.position,
+                _p.c.position,
+            )
+        )
+    )
+    .select_from(_dep_columns.get_final_froms()[0])
+    .where(
+        _de.c.workflow_id == bindparam("b_wf"),
+        _de.c.child == func.any(func.array(select(_kids.c.kid).scalar_subquery())),
+    )
+    .scalar_subquery()
+)
 # SQLite has no arrays; its planner takes the IN list as given.
 CHILDREN_WITH_DEPS_SQLITE = _dep_columns.where(_de.c.child.in_(select(_kids.c.kid))).order_by(
     _c.c.position, _p.c.position
@@ -84,23 +113,33 @@ CHILDREN_WITH_DEPS_SQLITE = _dep_columns.where(_de.c.child.in_(select(_kids.c.ki
 def children_with_deps(conn: Connection, workflow_id: str, parent: str) -> list[Child]:
     """Each child of `parent` with all of its dependencies, ordered by position."""
     query = CHILDREN_WITH_DEPS if conn.dialect.name == "postgresql" else CHILDREN_WITH_DEPS_SQLITE
-    rows = conn.execute(query, {"b_wf": workflow_id, "b_parent": parent}).all()
+    rows = conn.execute(query, {"b_wf": workflow_id, "b_parent": parent}).mappings()
+    return group_children(rows)
+
+
+def group_children(rows: Iterable[Mapping[Any, Any]]) -> list[Child]:
+    """Children from rows of one child and one of its dependencies each, in order."""
     grouped: dict[str, Child] = {}
     for r in rows:
+        await_state = r["await_state"]
         child = grouped.setdefault(
-            r.child,
+            r["child"],
             Child(
-                r.child,
-                StepState(r.child_state),
-                r.queue,
-                r.priority,
-                await_state=None if r.await_state is None else AwaitState(r.await_state),
-                signal_id=r.signal_id,
-                deadline_ms=r.deadline_ms,
+                r["child"],
+                StepState(r["child_state"]),
+                r["queue"],
+                r["priority"],
+                await_state=None if await_state is None else AwaitState(await_state),
+                signal_id=r["signal_id"],
+                deadline_ms=r["deadline_ms"],
             ),
         )
-        root = r.cancel_root_step if r.terminal_cause == "cancelled_by_dependency" else r.parent
+        cancelled_by_dependency = r["terminal_cause"] == "cancelled_by_dependency"
+        root = r["cancel_root_step"] if cancelled_by_dependency else r["parent"]
         child.deps.append(
-            (DependencyView(r.parent, StepState(r.parent_state), EdgePolicy(r.policy)), root)
+            (
+                DependencyView(r["parent"], StepState(r["parent_state"]), EdgePolicy(r["policy"])),
+                root,
+            )
         )
     return list(grouped.values())

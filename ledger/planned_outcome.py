@@ -23,22 +23,20 @@ from sqlalchemy import Connection, Update, bindparam, case, func, insert, select
 from ledger import tables as t
 from ledger.callbacks import enqueue_callback
 from ledger.changes import COUNTER_COLUMNS, Changes, WorkflowUpdate, workflow_update
-from ledger.children import Child, children_with_deps
+from ledger.children import Child
 from ledger.model import ReadyStep
 from ledger.rules import DependencyView, StepState
 
 
-def plan_releases(
-    conn: Connection, workflow_id: str, step: str, new_state: StepState
-) -> list[Child] | None:
-    """The children `step` releases by becoming `new_state` (terminal), read before the
-    outcome is written; None if any child needs more than a plain release.
+def plan_releases(children: list[Child], step: str, new_state: StepState) -> list[Child] | None:
+    """The children `step` releases by becoming `new_state` (terminal), from `children`
+    as read before the outcome is written; None if any needs more than a plain release.
 
-    The caller holds the workflow lock, so the rows read here are what the write will
-    find; only `step`'s own state is about to change, and is substituted.
+    The caller read them holding the workflow lock, so they are what the write will find;
+    only `step`'s own state is about to change, and is substituted.
     """
     releases = []
-    for kid in children_with_deps(conn, workflow_id, step):
+    for kid in children:
         if kid.state is not StepState.PENDING:
             continue
         kid.deps = [

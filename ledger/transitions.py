@@ -13,7 +13,7 @@ from sqlalchemy import Connection, bindparam, insert, select, update
 from ledger import tables as t
 from ledger.callbacks import enqueue_callback
 from ledger.changes import Changes, workflow_update
-from ledger.children import children_with_deps
+from ledger.children import CHILDREN_JSON, Child, children_with_deps, group_children
 from ledger.db import lock_workflow, notify_dispatcher
 from ledger.errors import InvalidCompletionError
 from ledger.evidence import record_evidence
@@ -94,7 +94,7 @@ def complete_step(
     now = now or datetime.now(UTC)
 
     wf = lock_workflow(conn, workflow_id)
-    row, history = _step_and_history(conn, workflow_id, step)
+    row, history, children = _step_and_history(conn, workflow_id, step)
     state = StepState(row["state"])
     decision = classify_completion(
         StepSnapshot(state, row["attempt"], row["max_attempts"]), history, parsed, payload, attempt
@@ -149,8 +149,8 @@ def complete_step(
     hand_off: ReadyStep | None = None
 
     releases = None
-    if conn.dialect.name == "postgresql" and new_state in TERMINAL_STATES:
-        releases = plan_releases(conn, workflow_id, step, new_state)
+    if children is not None and new_state in TERMINAL_STATES:
+        releases = plan_releases(children, step, new_state)
     if releases is not None:
         # PostgreSQL, and nothing beyond plain releases follows: one statement.
         if dispatch:
@@ -402,6 +402,7 @@ _STEP_AND_HISTORY = (
     )
     .where(_s.c.workflow_id == bindparam("b_wf"), _s.c.name == bindparam("b_step"))
 )
+_STEP_HISTORY_AND_CHILDREN = _STEP_AND_HISTORY.add_columns(CHILDREN_JSON.label("children"))
 _INSERT_ATTEMPT = insert(_a)
 _INSERT_RESULT = insert(t.results)
 _SET_STEP_IF = update(_s).where(
@@ -447,10 +448,16 @@ _OUTCOME_WITH_RESULT = _SET_STEP_IF.add_cte(_OUTCOME_ATTEMPT, _OUTCOME_RESULT)
 
 def _step_and_history(
     conn: Connection, workflow_id: str, step: str
-) -> tuple[dict[str, Any], dict[int, RecordedAttempt]]:
+) -> tuple[dict[str, Any], dict[int, RecordedAttempt], list[Child] | None]:
     """The step's row and its recorded attempts, in one statement (the caller holds the
-    workflow lock, so the read sees every earlier holder's writes)."""
-    rows = conn.execute(_STEP_AND_HISTORY, {"b_wf": workflow_id, "b_step": step}).all()
+    workflow lock, so the read sees every earlier holder's writes). On PostgreSQL the
+    step's children with their dependencies come with them (as they are before this
+    transaction writes anything); elsewhere None."""
+    params = {"b_wf": workflow_id, "b_step": step}
+    if conn.dialect.name == "postgresql":
+        rows = conn.execute(_STEP_HISTORY_AND_CHILDREN, {**params, "b_parent": step}).all()
+    else:
+        rows = conn.execute(_STEP_AND_HISTORY, params).all()
     if not rows:
         raise step_not_found(conn, workflow_id, step)
     first = rows[0]
@@ -462,7 +469,10 @@ def _step_and_history(
         for r in rows
         if r.h_attempt is not None
     }
-    return row, history
+    children = None
+    if conn.dialect.name == "postgresql":
+        children = group_children(first.children or [])
+    return row, history, children
 
 
 def set_step_if(
