@@ -17,7 +17,7 @@ from ledger import tables as t
 from ledger.changes import Changes
 from ledger.db import lock_workflow
 from ledger.evidence import record_evidence
-from ledger.model import STEP_JOB
+from ledger.model import Claim as Claim
 from ledger.placeholders import referenced_steps, resolve
 from ledger.rules import ClaimVerdict, StepState, classify_claim
 from ledger.steps import step_not_found
@@ -42,35 +42,6 @@ _DELIVERY_EVIDENCE = {
     # A step not released yet, or waiting for its retry time: an old message replayed.
     ClaimVerdict.NOT_READY: "replayed",
 }
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """A step claimed for one attempt: everything a worker needs to run it."""
-
-    workflow_id: str
-    workflow_name: str
-    step: str
-    attempt: int
-    max_attempts: int
-    worker: str
-    queue: str
-    #: The step's args with `Workflow.result(...)` placeholders resolved.
-    args: dict[str, Any]
-    workflow_context: dict[str, Any]
-    #: Stored results of the step's dependencies, by step name.
-    dependency_results: dict[str, Any]
-    lease_owner: str
-    lease_expires_at: datetime
-    #: When the step last became available (its queue wait ends with this claim).
-    available_at: datetime | None = None
-    #: step, or callback (the workflow's `on_finish` job; `step` is then "on_finish").
-    job: str = STEP_JOB
-    #: For a step that awaited a signal: the payload of the signal that released it.
-    signal: Any = None
-    #: For a callback: the workflow's outcome and counters when it finished.
-    workflow_outcome: str | None = None
-    counters: dict[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,8 +5,8 @@ workflow's step (`ledger.claims`, `ledger.transitions`) or its `on_finish` callb
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import replace
 from datetime import datetime
-from functools import partial
 from typing import Any
 
 from sqlalchemy import Connection
@@ -19,7 +19,7 @@ from ledger.callback_jobs import (
 )
 from ledger.claims import Claim, ClaimRefused, claim_step, release_claim, renew_lease
 from ledger.model import CALLBACK_JOB, STEP_JOB, CompletionResult
-from ledger.transitions import complete_step
+from ledger.transitions import complete_step, mark_dispatched
 
 JOBS = (STEP_JOB, CALLBACK_JOB)
 
@@ -69,15 +69,30 @@ def complete_job(
     now: datetime,
     dispatch: bool,
     hand_off_queues: Collection[str] = (),
+    hand_off_owner: str | None = None,
+    hand_off_lease_seconds: float = 30.0,
 ) -> CompletionResult:
-    """`hand_off_queues`: see `complete_step` (a callback releases nothing)."""
+    """`hand_off_queues`: see `complete_step` (a callback releases nothing).
+
+    With `hand_off_owner`, the step handed off is always claimed for that owner in this
+    transaction and returned in `hand_off_claim` (by `complete_step` itself where it
+    can, here otherwise). If it cannot be claimed after all, it is marked dispatched
+    and added to `ready` instead, so it is published like any other.
+    """
     _check(job)
-    complete = (
-        complete_callback
-        if job == CALLBACK_JOB
-        else partial(complete_step, hand_off_queues=hand_off_queues)
-    )
-    return complete(
+    if job == CALLBACK_JOB:
+        return complete_callback(
+            conn,
+            workflow_id,
+            step,
+            status,
+            payload,
+            attempt=attempt,
+            source=source,
+            now=now,
+            dispatch=dispatch,
+        )
+    result = complete_step(
         conn,
         workflow_id,
         step,
@@ -87,7 +102,27 @@ def complete_job(
         source=source,
         now=now,
         dispatch=dispatch,
+        hand_off_queues=hand_off_queues,
+        hand_off_owner=hand_off_owner,
+        hand_off_lease_seconds=hand_off_lease_seconds,
     )
+    ready = result.hand_off
+    if ready is None or result.hand_off_claim is not None or hand_off_owner is None:
+        return result
+    claimed = claim_step(
+        conn,
+        ready.workflow_id,
+        ready.step,
+        owner=hand_off_owner,
+        lease_seconds=hand_off_lease_seconds,
+        now=now,
+        workflow_locked=True,
+    )
+    if isinstance(claimed, Claim):
+        return replace(result, hand_off_claim=claimed)
+    # Not claimable after all: dispatch it as usual.
+    marked = mark_dispatched(conn, [ready], now)
+    return replace(result, hand_off=None, ready=result.ready + marked)
 
 
 def renew_job_lease(

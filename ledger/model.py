@@ -165,6 +165,35 @@ class ReadyStep:
 
 
 @dataclass(frozen=True, slots=True)
+class Claim:
+    """A step claimed for one attempt: everything a worker needs to run it."""
+
+    workflow_id: str
+    workflow_name: str
+    step: str
+    attempt: int
+    max_attempts: int
+    worker: str
+    queue: str
+    #: The step's args with `Workflow.result(...)` placeholders resolved.
+    args: dict[str, Any]
+    workflow_context: dict[str, Any]
+    #: Stored results of the step's dependencies, by step name.
+    dependency_results: dict[str, Any]
+    lease_owner: str
+    lease_expires_at: datetime
+    #: When the step last became available (its queue wait ends with this claim).
+    available_at: datetime | None = None
+    #: step, or callback (the workflow's `on_finish` job; `step` is then "on_finish").
+    job: str = STEP_JOB
+    #: For a step that awaited a signal: the payload of the signal that released it.
+    signal: Any = None
+    #: For a callback: the workflow's outcome and counters when it finished.
+    workflow_outcome: str | None = None
+    counters: dict[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class CompletionResult:
     """What one `complete_step` call did."""
 
@@ -190,6 +219,8 @@ class CompletionResult:
     #: With `hand_off_queues`: the released step left undispatched (and out of `ready`)
     #: for the caller to claim in this same transaction.
     hand_off: ReadyStep | None = None
+    #: With a `hand_off_owner` too: that step, already claimed by this transaction.
+    hand_off_claim: Claim | None = None
 
     @property
     def applied(self) -> bool:

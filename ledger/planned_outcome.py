@@ -16,15 +16,18 @@ general path: `plan_releases` answers None and nothing was written.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Update, bindparam, case, func, insert, select, update
+from sqlalchemy import Connection, Update, bindparam, case, exists, func, insert, select, update
 
 from ledger import tables as t
 from ledger.callbacks import enqueue_callback
 from ledger.changes import COUNTER_COLUMNS, Changes, WorkflowUpdate, workflow_update
 from ledger.children import Child
-from ledger.model import ReadyStep
+from ledger.model import Claim, ReadyStep
+from ledger.placeholders import referenced_steps, resolve
 from ledger.rules import DependencyView, StepState
 
 
@@ -53,6 +56,15 @@ def plan_releases(children: list[Child], step: str, new_state: StepState) -> lis
     return releases
 
 
+@dataclass(frozen=True, slots=True)
+class Take:
+    """The released step to claim in the same statement (the worker's hand-off)."""
+
+    step: str
+    owner: str
+    lease_seconds: float
+
+
 def write_planned_outcome(
     conn: Connection,
     wf: dict[str, Any],
@@ -64,14 +76,17 @@ def write_planned_outcome(
     values: dict[str, Any],
     releases: list[Child],
     undispatched: str | None,
+    take: Take | None,
     dispatch: bool,
     changes: Changes,
-) -> WorkflowUpdate:
-    """Write the outcome, release `releases` and move the counters: one statement.
+) -> tuple[WorkflowUpdate, Claim | None]:
+    """Write the outcome, release `releases` (claiming `take` among them) and move the
+    counters: one statement. Returns the counters' update and the claim of `take`.
 
     `changes` must already hold the step's own move; the releases are added here. With
     `dispatch`, every released step but `undispatched` (the worker's hand-off) is marked
-    dispatched by the same statement.
+    dispatched by the same statement. `take` (that same step, if given) goes straight
+    from pending to executing, as a release then a claim would leave it.
     """
     if set(values) != set(_TERMINAL_VALUES):
         raise RuntimeError(f"a planned outcome sets {_TERMINAL_VALUES}, not {sorted(values)}")
@@ -81,8 +96,10 @@ def write_planned_outcome(
         changes.move(StepState.PENDING, StepState.AVAILABLE)
         changes.released.append(kid.name)
         changes.ready.append(ReadyStep(workflow_id, kid.name, kid.queue, kid.priority))
+    if take is not None:
+        changes.move(StepState.AVAILABLE, StepState.EXECUTING)
     update_ = workflow_update(wf, changes, now)
-    released = [k.name for k in releases]
+    released = [k.name for k in releases if take is None or k.name != take.step]
     params: dict[str, Any] = {f"ba_{k}": v for k, v in attempt_row.items()}
     params.update({f"bs_{k}": v for k, v in values.items()})
     params.update(b_wf=workflow_id, b_step=step, b_expected=expected.value)
@@ -92,25 +109,53 @@ def write_planned_outcome(
         b_release=released,
         b_dispatch=[n for n in released if n != undispatched] if dispatch else [],
     )
-    statement = _STATEMENTS[(with_result, update_.outcome is not None)]
-    row = conn.execute(statement, params).first()
-    if row is None or row.released != len(released):
+    expires = None
+    if take is not None:
+        expires = now + timedelta(seconds=take.lease_seconds)
+        params.update(b_take=take.step, bt_owner=take.owner, bt_expires=expires)
+    statement = _STATEMENTS[(with_result, update_.outcome is not None, take is not None)]
+    row = conn.execute(statement, params).mappings().first()
+    if row is None or row["released"] != len(released) or (take and row["t_attempt"] is None):
         # Unreachable under the workflow lock; if it ever happens, roll back rather
         # than leave counters that disagree with the steps.
         raise RuntimeError(
             f"planned outcome of {workflow_id}/{step} did not apply as read "
-            f"(step moved: {row is not None}, released: {row and row.released} of "
-            f"{len(released)})"
+            f"(step moved: {row is not None}, released: {row and row['released']} of "
+            f"{len(released)}, taken: {take and row and row['t_attempt']})"
         )
     if update_.outcome is not None:
         # In the transaction that records the outcome: the callback is enqueued with it.
         enqueue_callback(conn, wf, update_.outcome, update_.counts, now)
-    return update_
+    claim = None
+    if take is not None and expires is not None:
+        results: dict[str, Any] = dict(row["t_parent_results"] or {})
+        if with_result:  # stored by this very statement, so not in what it read
+            results[step] = attempt_row["payload"]
+        args = row["t_args"]
+        if referenced_steps(args):
+            args, _missing = resolve(args, results)
+        claim = Claim(
+            workflow_id=workflow_id,
+            workflow_name=wf["name"],
+            step=take.step,
+            attempt=row["t_attempt"],
+            max_attempts=row["t_max_attempts"],
+            worker=row["t_worker"],
+            queue=row["t_queue"],
+            args=args,
+            workflow_context=wf["context"],
+            dependency_results=results,
+            lease_owner=take.owner,
+            lease_expires_at=expires,
+            available_at=now,
+        )
+    return update_, claim
 
 
 # -- the statement, built once per variant ------------------------------------------------
 
 _s, _a, _r, _w = t.steps, t.attempts, t.results, t.workflows
+_pe = t.edges.alias("pe")
 _NOW = bindparam("b_now", type_=_s.c.updated_at.type)
 #: What `ledger.transitions.outcome_values` sets on a step that became terminal.
 _TERMINAL_VALUES = (
@@ -125,7 +170,7 @@ _TERMINAL_VALUES = (
 )
 
 
-def _build(with_result: bool, finishes: bool) -> Update:
+def _build(with_result: bool, finishes: bool, takes: bool) -> Update:
     attempt = (
         insert(_a)
         .values(
@@ -179,7 +224,51 @@ def _build(with_result: bool, finishes: bool) -> Update:
         .returning(_w.c.id)
         .cte("counted")
     )
-    ctes = (attempt, result, released, counted) if with_result else (attempt, released, counted)
+    ctes = [attempt, result] if with_result else [attempt]
+    ctes += [released, counted]
+    returning = [select(func.count()).select_from(released).scalar_subquery().label("released")]
+    if takes:
+        taken = (
+            update(_s)
+            .where(
+                _s.c.workflow_id == bindparam("b_wf"),
+                _s.c.name == bindparam("b_take"),
+                _s.c.state == StepState.PENDING.value,
+            )
+            .values(
+                state=StepState.EXECUTING.value,
+                attempt=_s.c.attempt + 1,
+                lease_owner=bindparam("bt_owner"),
+                lease_expires_at=bindparam("bt_expires", type_=_s.c.lease_expires_at.type),
+                available_at=_NOW,
+                dispatched_at=None,
+                updated_at=_NOW,
+            )
+            .returning(_s.c.attempt, _s.c.max_attempts, _s.c.worker, _s.c.queue, _s.c.args)
+            .cte("taken")
+        )
+        ctes.append(taken)
+        returning += [
+            select(column).scalar_subquery().label(f"t_{column.name}") for column in taken.c
+        ]
+        # The other parents' stored results: committed before this statement, so its
+        # snapshot sees them (the finished step's own is added by the caller).
+        stored = (_r.c.workflow_id == _pe.c.workflow_id) & (_r.c.step == _pe.c.parent)
+        returning.append(
+            select(
+                func.json_object_agg(
+                    _pe.c.parent, select(_r.c.payload).where(stored).scalar_subquery()
+                )
+            )
+            .where(
+                _pe.c.workflow_id == bindparam("b_wf"),
+                _pe.c.child == bindparam("b_take"),
+                _pe.c.parent != bindparam("b_step"),
+                exists(select(_r.c.attempt).where(stored)),
+            )
+            .scalar_subquery()
+            .label("t_parent_results")
+        )
     # The step's own move is the statement. Every parameter has a prefix: SQLAlchemy
     # would add a parameter named like a column to the SET of each UPDATE of its table.
     return (
@@ -191,8 +280,14 @@ def _build(with_result: bool, finishes: bool) -> Update:
         )
         .values({c: bindparam(f"bs_{c}") for c in _TERMINAL_VALUES})
         .add_cte(*ctes)
-        .returning(select(func.count()).select_from(released).scalar_subquery().label("released"))
+        .returning(*returning)
     )
 
 
-_STATEMENTS = {(wr, fin): _build(wr, fin) for wr in (False, True) for fin in (False, True)}
+_STATEMENTS = {
+    (wr, fin, tk): _build(wr, fin, tk)
+    for wr in (False, True)
+    for fin in (False, True)
+    for tk in (False, True)
+    if not (fin and tk)  # a step just claimed keeps its workflow running
+}

@@ -18,8 +18,8 @@ from ledger.db import lock_workflow, notify_dispatcher
 from ledger.errors import InvalidCompletionError
 from ledger.evidence import record_evidence
 from ledger.jsonsafe import json_problems
-from ledger.model import CALLBACK_JOB, STEP_JOB, CompletionResult, ReadyStep
-from ledger.planned_outcome import plan_releases, write_planned_outcome
+from ledger.model import CALLBACK_JOB, STEP_JOB, Claim, CompletionResult, ReadyStep
+from ledger.planned_outcome import Take, plan_releases, write_planned_outcome
 from ledger.rules import (
     TERMINAL_STATES,
     AwaitState,
@@ -69,6 +69,8 @@ def complete_step(
     dispatch: bool = False,
     reason: str | None = None,
     hand_off_queues: Collection[str] = (),
+    hand_off_owner: str | None = None,
+    hand_off_lease_seconds: float = 30.0,
 ) -> CompletionResult:
     """Record an outcome for `step` and apply what follows from it.
 
@@ -84,6 +86,10 @@ def complete_step(
     `hand_off_queues` (with `dispatch=True`): the most urgent released step of one of
     these queues is left undispatched and returned in `hand_off` instead, for the caller
     to claim in this transaction (the worker runs it next, with no ready message).
+    With `hand_off_owner` too, this call may claim it itself for that owner, with a
+    lease of `hand_off_lease_seconds`, and return the claim in `hand_off_claim` (on
+    PostgreSQL when the outcome takes one statement; otherwise `hand_off_claim` is None
+    and the caller claims `hand_off`, as `ledger.jobs.complete_job` does).
     """
     parsed = parse_status(status)
     problems = json_problems(payload, "payload")
@@ -147,6 +153,7 @@ def complete_step(
     changes.move(state, new_state)
     ready: tuple[ReadyStep, ...] = ()
     hand_off: ReadyStep | None = None
+    hand_off_claim: Claim | None = None
 
     releases = None
     if children is not None and new_state in TERMINAL_STATES:
@@ -156,7 +163,10 @@ def complete_step(
         if dispatch:
             candidates = [ReadyStep(workflow_id, k.name, k.queue, k.priority) for k in releases]
             hand_off = _pick_hand_off(candidates, hand_off_queues)
-        outcome = write_planned_outcome(
+        take = None
+        if hand_off is not None and hand_off_owner is not None:
+            take = Take(hand_off.step, hand_off_owner, hand_off_lease_seconds)
+        update_, hand_off_claim = write_planned_outcome(
             conn,
             wf,
             step,
@@ -166,9 +176,11 @@ def complete_step(
             values=values,
             releases=releases,
             undispatched=hand_off.step if hand_off is not None else None,
+            take=take,
             dispatch=dispatch,
             changes=changes,
-        ).outcome
+        )
+        outcome = update_.outcome
         if dispatch:
             ready = tuple(r for r in changes.ready if r != hand_off)
         elif changes.ready:
@@ -203,6 +215,7 @@ def complete_step(
         reason=decision.reason,
         ready=ready,
         hand_off=hand_off,
+        hand_off_claim=hand_off_claim,
     )
 
 

@@ -22,12 +22,12 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
-from ledger.claims import Claim, ClaimRefused, claim_step
+from ledger.claims import Claim, ClaimRefused
 from ledger.errors import InvalidCompletionError, LedgerError
 from ledger.jobs import claim_job, complete_job, release_job_claim, renew_job_lease
 from ledger.model import STEP_JOB, CompletionResult, ReadyStep
 from ledger.rules import CompletionStatus
-from ledger.transitions import mark_dispatched, unmark_dispatched
+from ledger.transitions import unmark_dispatched
 from streamflow import telemetry
 from streamflow.engine.common import in_transaction, now_ms, ready_messages, utcnow
 from streamflow.engine.context import Cancel, StepContext
@@ -429,14 +429,10 @@ class WorkerRuntime:
                 now=utcnow(),
                 dispatch=True,
                 hand_off_queues=queues,
+                hand_off_owner=self.config.name,
+                hand_off_lease_seconds=self.config.lease_seconds,
             )
-            ready = list(result.ready)
-            child = None
-            if result.hand_off is not None:
-                child = self._claim_child(conn, result.hand_off)
-                if child is None:  # not claimable after all: dispatch it as usual
-                    ready += mark_dispatched(conn, [result.hand_off], utcnow())
-            return result, child, ready
+            return result, result.hand_off_claim, list(result.ready)
 
         key = claim.workflow_id
         try:
@@ -492,20 +488,6 @@ class WorkerRuntime:
     def _may_hand_off(self, claim: Claim) -> bool:
         # Not while stopping: a drain must not pick up new work.
         return self.config.hand_off and claim.job == STEP_JOB and not self._stopping.is_set()
-
-    def _claim_child(self, conn: Connection, ready: ReadyStep) -> Claim | None:
-        """Claim the step the parent's outcome just released for this worker, in the
-        outcome's transaction (which holds the workflow lock already)."""
-        claimed = claim_step(
-            conn,
-            ready.workflow_id,
-            ready.step,
-            owner=self.config.name,
-            lease_seconds=self.config.lease_seconds,
-            now=utcnow(),
-            workflow_locked=True,
-        )
-        return claimed if isinstance(claimed, Claim) else None
 
     def _count(self, result: CompletionResult) -> None:
         if not result.applied:

@@ -4,7 +4,7 @@ ledger exactly as the general path does, on either backend."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, select
@@ -12,6 +12,7 @@ from sqlalchemy import event as sa_event
 
 from ledger import tables as t
 from ledger.db import transaction
+from ledger.jobs import complete_job
 from ledger.model import ReadyStep
 from ledger.transitions import complete_step
 from streamflow import Workflow
@@ -42,9 +43,9 @@ def counters(engine: Engine, wid: str) -> dict[str, int]:
     return Workflow.get(engine, wid).counters.as_dict()
 
 
-def run(engine: Engine, wid: str, step: str, status: str, **kw: Any) -> Any:
+def run(engine: Engine, wid: str, step: str, status: str, payload: Any = 1, **kw: Any) -> Any:
     with transaction(engine) as conn:
-        return complete_step(conn, wid, step, status, 1, now=NOW, **kw)
+        return complete_step(conn, wid, step, status, payload, now=NOW, **kw)
 
 
 def claim_all(engine: Engine, wid: str, *names: str) -> None:
@@ -138,4 +139,82 @@ def test_a_release_costs_three_statements_on_postgres(pg_engine: Engine) -> None
         r = complete_step(conn, wid, "root", "completed", 1, now=NOW, dispatch=True)
     assert r.released == ("mail", "log")
     # The workflow lock, the step with its history and its children, and the write.
+    assert len(sent) == 3, "\n".join(sent)
+
+
+def chain() -> Workflow:
+    return (
+        Workflow.new("chain", workflow_context={"tenant": 7})
+        .add("a", Noop.new())
+        .add("b", Noop.new())
+        .add("c", Noop.new({"a": Workflow.result("a"), "b": Workflow.result("b")}), deps=["a", "b"])
+    )
+
+
+def test_the_hand_off_is_claimed_by_the_outcome_with_every_parent_result(engine: Engine) -> None:
+    wid = Workflow.insert(chain(), engine).id
+    claim_all(engine, wid, "a", "b")
+    run(engine, wid, "a", "completed", payload={"from": "a"}, dispatch=True)
+    with transaction(engine) as conn:
+        r = complete_job(
+            conn,
+            "step",
+            wid,
+            "b",
+            "completed",
+            [1, 2],
+            attempt=1,
+            source="worker",
+            now=NOW,
+            dispatch=True,
+            hand_off_queues=("default",),
+            hand_off_owner="w1",
+            hand_off_lease_seconds=60,
+        )
+    claim = r.hand_off_claim
+    assert claim is not None and r.ready == () and r.released == ("c",)
+    assert (claim.step, claim.attempt, claim.lease_owner) == ("c", 1, "w1")
+    assert claim.lease_expires_at == NOW + timedelta(seconds=60)
+    assert claim.args == {"a": {"from": "a"}, "b": [1, 2]}
+    assert claim.dependency_results == {"a": {"from": "a"}, "b": [1, 2]}
+    assert (claim.workflow_name, claim.workflow_context) == ("chain", {"tenant": 7})
+    assert claim.available_at == NOW
+    assert states(engine, wid)["c"] == "executing"
+    assert not dispatched(engine, wid)["c"]
+    assert counters(engine, wid) == recount(engine, wid)
+    s = t.steps
+    with engine.connect() as conn:
+        lease = conn.execute(
+            select(s.c.attempt, s.c.lease_owner, s.c.lease_expires_at).where(
+                s.c.workflow_id == wid, s.c.name == "c"
+            )
+        ).one()
+    assert (lease.attempt, lease.lease_owner) == (1, "w1")
+    assert lease.lease_expires_at.replace(tzinfo=UTC) == claim.lease_expires_at
+
+
+def test_an_outcome_that_claims_its_hand_off_is_still_three_statements_on_postgres(
+    pg_engine: Engine,
+) -> None:
+    wid = Workflow.insert(chain(), pg_engine).id
+    claim_all(pg_engine, wid, "a", "b")
+    run(pg_engine, wid, "a", "completed", dispatch=True)
+    with transaction(pg_engine) as conn:
+        sent = count_statements(conn)
+        r = complete_step(
+            conn,
+            wid,
+            "b",
+            "completed",
+            2,
+            attempt=1,
+            now=NOW,
+            dispatch=True,
+            hand_off_queues=("default",),
+            hand_off_owner="w1",
+        )
+    assert r.hand_off_claim is not None and r.hand_off_claim.dependency_results == {
+        "a": 1,
+        "b": 2,
+    }
     assert len(sent) == 3, "\n".join(sent)
