@@ -8,7 +8,7 @@ from collections.abc import Collection, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, tuple_, update
 
 from ledger import tables as t
 from ledger.callbacks import enqueue_callback
@@ -261,12 +261,18 @@ def _record_outcome(
 def mark_dispatched(
     conn: Connection, candidates: Iterable[ReadyStep], now: datetime
 ) -> tuple[ReadyStep, ...]:
-    """Mark available, undispatched steps as dispatched; return those this call marked.
+    """Mark available, undispatched steps as dispatched; return those this call marked,
+    in the order given.
 
     Conditional on `dispatched_at IS NULL`, so of two dispatchers racing for a step
-    exactly one publishes it.
+    exactly one publishes it. The steps are marked by one statement, however many.
     """
-    marked = []
+    candidates = list(candidates)
+    marked: set[tuple[str, str]] = set()
+    steps = [(r.workflow_id, r.step) for r in candidates if r.job != CALLBACK_JOB]
+    if steps:
+        rows = conn.execute(_MARK_STEPS_DISPATCHED, {"b_keys": steps, "b_now": now})
+        marked.update((r.workflow_id, r.name) for r in rows)
     for r in candidates:
         if r.job == CALLBACK_JOB:
             result = conn.execute(
@@ -274,14 +280,9 @@ def mark_dispatched(
                 .where(t.callbacks.c.dispatched_at.is_(None))
                 .values(dispatched_at=now)
             )
-        else:
-            result = conn.execute(
-                _MARK_STEP_DISPATCHED,
-                {"b_wf": r.workflow_id, "b_step": r.step, "dispatched_at": now},
-            )
-        if result.rowcount == 1:
-            marked.append(r)
-    return tuple(marked)
+            if result.rowcount == 1:
+                marked.add((r.workflow_id, r.step))
+    return tuple(r for r in candidates if (r.workflow_id, r.step) in marked)
 
 
 def _dispatch_update(r: ReadyStep) -> Any:
@@ -423,11 +424,15 @@ _SET_STEP_IF = update(_s).where(
     _s.c.name == bindparam("b_step"),
     _s.c.state == bindparam("b_expected"),
 )
-_MARK_STEP_DISPATCHED = update(_s).where(
-    _s.c.workflow_id == bindparam("b_wf"),
-    _s.c.name == bindparam("b_step"),
-    _s.c.state == StepState.AVAILABLE.value,
-    _s.c.dispatched_at.is_(None),
+_MARK_STEPS_DISPATCHED = (
+    update(_s)
+    .where(
+        tuple_(_s.c.workflow_id, _s.c.name).in_(bindparam("b_keys", expanding=True)),
+        _s.c.state == StepState.AVAILABLE.value,
+        _s.c.dispatched_at.is_(None),
+    )
+    .values(dispatched_at=bindparam("b_now", type_=_s.c.dispatched_at.type))
+    .returning(_s.c.workflow_id, _s.c.name)
 )
 _UPDATE_WORKFLOW = update(_w).where(_w.c.id == bindparam("b_id"))
 # PostgreSQL: an outcome's attempt row (and stored result) inserted by the statement that

@@ -189,3 +189,27 @@ def test_stale_dispatch_is_sent_again_with_a_recovery_row(engine: Engine) -> Non
         again = redispatch_stale(conn, NOW + timedelta(seconds=31), timedelta(seconds=30))
     assert [s.step for s in again if s.workflow_id == wid] == ["root"]
     assert recoveries(engine, wid) == [{"step": "root", "repair": "redispatch"}]
+
+
+def test_a_dispatcher_pass_costs_the_same_few_statements_for_one_step_or_many(
+    engine: Engine,
+) -> None:
+    from sqlalchemy import event as sa_event
+
+    def statements_for(count: int) -> tuple[int, int]:
+        for _ in range(count):
+            Workflow.insert(fan(), engine)
+        sent: list[str] = []
+
+        def before(*args: Any) -> None:
+            sent.append(args[2])
+
+        with transaction(engine) as conn:
+            sa_event.listen(conn, "before_cursor_execute", before)
+            ready = dispatch_undispatched(conn, NOW)
+        return len(ready), len(sent)
+
+    one = statements_for(1)
+    many = statements_for(12)
+    assert (one[0], many[0]) == (1, 12)
+    assert one[1] == many[1]
