@@ -80,10 +80,14 @@ def claim_step(
     postgres = conn.dialect.name == "postgresql"
     if not workflow_locked:
         lock_workflow(conn, workflow_id)
-    elif postgres and message_at is None:
+    if postgres:
+        # The common case, the step available: one statement takes it and reads it.
         taken = _take_at_once(conn, workflow_id, step, owner, lease_seconds, now)
         if taken is not None:
-            return taken
+            claim, offers = taken
+            if _stale(message_at, *offers):
+                _record_stale_claim(conn, claim, source, now)
+            return claim
     read = _CLAIM_READ_WITH_RESULTS if postgres else _CLAIM_READ
     row = conn.execute(read, {"b_wf": workflow_id, "b_step": step}).mappings().first()
     if row is None:
@@ -105,19 +109,7 @@ def claim_step(
         )
         return ClaimRefused(workflow_id, step, verdict, state)
 
-    if _stale(message_at, row["available_at"], row["dispatched_at"]):
-        record_evidence(
-            conn,
-            workflow_id=workflow_id,
-            step=step,
-            kind="delivery",
-            classification="replayed",
-            source=source,
-            now=now,
-            attempt=row["attempt"],
-            reason="stale_message_claimed",
-        )
-
+    stale = _stale(message_at, row["available_at"], row["dispatched_at"])
     attempt = row["attempt"] + 1
     expires = now + timedelta(seconds=lease_seconds)
     _take(conn, workflow_id, step, attempt=attempt, owner=owner, expires=expires, now=now)
@@ -129,7 +121,7 @@ def claim_step(
     )
     args, _missing = resolve(row["args"], results) if deps else (row["args"], [])
     signal = row["released_by_signal"]
-    return Claim(
+    claim = Claim(
         workflow_id=workflow_id,
         workflow_name=row["workflow_name"],
         step=step,
@@ -144,6 +136,25 @@ def claim_step(
         lease_expires_at=expires,
         available_at=row["available_at"],
         signal=signal,
+    )
+    if stale:
+        _record_stale_claim(conn, claim, source, now)
+    return claim
+
+
+def _record_stale_claim(conn: Connection, claim: Claim, source: str, now: datetime) -> None:
+    """The claiming message came from an earlier dispatch (delayed or replayed): it still
+    claims the step, which must run, but is kept as `replayed` evidence."""
+    record_evidence(
+        conn,
+        workflow_id=claim.workflow_id,
+        step=claim.step,
+        kind="delivery",
+        classification="replayed",
+        source=source,
+        now=now,
+        attempt=claim.attempt - 1,
+        reason="stale_message_claimed",
     )
 
 
@@ -252,6 +263,7 @@ _TAKEN = (
         _s.c.queue,
         _s.c.args,
         _s.c.available_at,
+        _s.c.dispatched_at,
     )
     .cte("taken")
 )
@@ -271,6 +283,7 @@ _TAKE_AT_ONCE = (
         _TAKEN.c.queue,
         _TAKEN.c.args,
         _TAKEN.c.available_at,
+        _TAKEN.c.dispatched_at,
         _w.c.name.label("workflow_name"),
         _w.c.context.label("workflow_context"),
         select(_sg.c.payload)
@@ -301,9 +314,10 @@ def _take_at_once(
     owner: str,
     lease_seconds: float,
     now: datetime,
-) -> Claim | None:
-    """The hand-off claim in one statement; None if the step was not available (the
-    caller then takes the general path, which records why)."""
+) -> tuple[Claim, tuple[datetime | None, datetime | None]] | None:
+    """The claim in one statement, with the step's latest offers (when it was made
+    available and dispatched); None if the step was not available (the caller then
+    takes the general path, which records why)."""
     expires = now + timedelta(seconds=lease_seconds)
     params = {
         "b_wf": workflow_id,
@@ -319,7 +333,7 @@ def _take_at_once(
     args = row["args"]
     if referenced_steps(args):
         args, _missing = resolve(args, results)
-    return Claim(
+    claim = Claim(
         workflow_id=workflow_id,
         workflow_name=row["workflow_name"],
         step=step,
@@ -335,6 +349,7 @@ def _take_at_once(
         available_at=row["available_at"],
         signal=row["released_by_signal"],
     )
+    return claim, (row["available_at"], row["dispatched_at"])
 
 
 def _parent_results(conn: Connection, workflow_id: str, step: str) -> dict[str, Any]:

@@ -172,3 +172,15 @@ def test_a_current_ready_message_leaves_no_evidence(engine: Engine) -> None:
         )
     assert isinstance(c, Claim)
     assert evidence(engine, wid) == []
+
+
+def test_a_claim_is_the_lock_and_one_statement_on_postgres(pg_engine: Engine) -> None:
+    from sqlalchemy import event as sa_event
+
+    wid = Workflow.insert(two_steps(), pg_engine).id
+    sent: list[str] = []
+    with transaction(pg_engine) as conn:
+        sa_event.listen(conn, "before_cursor_execute", lambda *a: sent.append(a[2]))
+        c = claim_step(conn, wid, "a", owner="w1", lease_seconds=30, now=NOW)
+    assert isinstance(c, Claim) and c.args == {"n": 1}
+    assert len(sent) == 2, "\n".join(sent)
