@@ -11,8 +11,10 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from select import select as poll_readable
 from typing import Any
 
+import psycopg
 from sqlalchemy import (
     Connection,
     Engine,
@@ -25,6 +27,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from ledger import tables as t
@@ -39,9 +42,13 @@ READ_ONLY = "streamflow_read_only"
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An Engine configured for the ledger.
 
-    PostgreSQL URLs without a driver use psycopg 3. SQLite gets WAL, a busy timeout, and
-    `BEGIN IMMEDIATE` transactions, so two writers queue for the lock instead of failing
-    when one upgrades a read to a write.
+    PostgreSQL URLs without a driver use psycopg 3. A pooled connection is checked
+    before it is handed out unless `pool_pre_ping=False`: not by SQLAlchemy's pre-ping
+    (an autocommit `SELECT 1`, a round trip and a PostgreSQL commit before every
+    transaction) but by reading what its socket holds, which costs neither and finds a
+    connection the server closed (restart, terminated backend, idle timeout). SQLite
+    gets WAL, a busy timeout, and `BEGIN IMMEDIATE` transactions, so two writers queue
+    for the lock instead of failing when one upgrades a read to a write.
     """
     parsed = make_url(url)
     if parsed.drivername in ("postgresql", "postgres"):
@@ -51,8 +58,27 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         engine = create_engine(parsed, **kwargs)
         _configure_sqlite(engine)
         return engine
-    kwargs.setdefault("pool_pre_ping", True)
-    return create_engine(parsed, **kwargs)
+    check = kwargs.pop("pool_pre_ping", True)
+    psycopg_driver = parsed.get_driver_name() == "psycopg"
+    # Another driver keeps SQLAlchemy's own pre-ping.
+    engine = create_engine(parsed, pool_pre_ping=check and not psycopg_driver, **kwargs)
+    if check and psycopg_driver:
+        event.listen(engine, "checkout", _drop_if_closed)
+    return engine
+
+
+def _drop_if_closed(dbapi_conn: Any, _record: ConnectionPoolEntry, _proxy: Any) -> None:
+    """Refuse a pooled psycopg connection that has something to read. An idle
+    connection in the pool is sent nothing unless the server is saying goodbye (a
+    FATAL error, then end of file: a restart, a terminated backend, an idle timeout).
+    A zero-timeout poll of its socket finds that with no round trip; SQLAlchemy then
+    discards the connection and checks out another. A stray notice costs a reconnect."""
+    pgconn = dbapi_conn.pgconn
+    if pgconn.status != psycopg.pq.ConnStatus.OK:
+        raise DisconnectionError("this pooled connection is no longer usable")
+    readable, _, _ = poll_readable([pgconn.socket], [], [], 0)
+    if readable:
+        raise DisconnectionError("the server spoke to (or closed) this idle pooled connection")
 
 
 def _configure_sqlite(engine: Engine) -> None:
