@@ -74,38 +74,47 @@ class Maintenance:
         #: Set while `run` runs (tests wait for it to listen).
         self.wakeup: DispatchWakeup | None = None
         self._trim = _Timer(self.config.trim_seconds)
+        self._promote = _Timer(self.config.poll_seconds)
 
     def run(self, stop: threading.Event) -> None:
         wakeup = self.wakeup = DispatchWakeup(self.engine, stop)
         log_event("maintenance.started", poll_seconds=self.config.poll_seconds)
+        woken = False
         try:
             while not stop.is_set():
                 try:
-                    busy = self.tick()
+                    # Retries fall due with time, not with commits: a pass a notification
+                    # woke looks for them only once per poll interval. (A burst of
+                    # inserts wakes one pass per commit.)
+                    busy = self.tick(promote=not woken or self._promote.ready(time.monotonic()))
                 except Exception as exc:
                     if not is_transient(exc):
                         raise
                     log_event("maintenance.unavailable", logging.WARNING, error=str(exc)[:200])
                     stop.wait(1.0)
                     continue
+                woken = False
                 if not busy:
                     # Woken at once by a commit that left steps to dispatch; the poll
                     # interval is the fallback.
-                    wakeup.wait(self.config.poll_seconds)
+                    woken = wakeup.wait(self.config.poll_seconds)
         finally:
             wakeup.close()
         log_event("maintenance.stopped", **vars(self.stats))
 
-    def tick(self) -> bool:
-        """One pass; True if it found work (so the next pass comes at once)."""
+    def tick(self, *, promote: bool = True) -> bool:
+        """One pass; True if it found work (so the next pass comes at once). `promote`:
+        move due retries back to `available` first."""
         now = time.monotonic()
         batch = self.config.batch
+        if promote:
+            self._promote.due = now + self.config.poll_seconds
         # One transaction for both: a pass costs one commit, and it runs ten times a second
         # whether or not there is work.
         promoted, ready = in_transaction(
             self.engine,
             lambda c: (
-                promote_due_retries(c, utcnow(), batch),
+                promote_due_retries(c, utcnow(), batch) if promote else [],
                 dispatch_undispatched(c, utcnow(), batch),
             ),
         )

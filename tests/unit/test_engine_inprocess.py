@@ -403,6 +403,10 @@ def test_tick_promotes_due_retries_and_dispatches_them(
     stream = keys.ready("default")
     sent_before = len(entries(transport, stream))
 
+    dispatcher.tick(promote=False)  # a pass a commit's notification woke: no retries
+    assert len(entries(transport, stream)) == sent_before
+    assert dispatcher.stats.retries_promoted == 0
+
     dispatcher.tick()
 
     new = [decode_ready(f) for _, f in entries(transport, stream)[sent_before:]]
