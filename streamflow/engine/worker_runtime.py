@@ -38,7 +38,7 @@ from streamflow.engine.retrying import is_transient, retrying
 from streamflow.logs import log_event
 from streamflow.streams.codec import CompletionEvent, MalformedEntry, decode_ready
 from streamflow.streams.keys import StreamKeys
-from streamflow.streams.outbox import CompletionOutbox
+from streamflow.streams.outbox import Ack, StreamOutbox
 from streamflow.streams.publisher import Publisher
 from streamflow.streams.transport import Entry, StreamTransport
 
@@ -106,9 +106,9 @@ class WorkerRuntime:
         self.keys = keys
         self.config = config
         self.publisher = Publisher(transport, keys)
-        # Completion events leave on a thread of their own: a step thread never waits on
-        # Redis for one (see `streamflow.streams.outbox`).
-        self.completions = CompletionOutbox(self.publisher)
+        # Completion events and acknowledgements leave on a thread of their own: a step
+        # thread never waits on Redis for them (see `streamflow.streams.outbox`).
+        self.outbox = StreamOutbox(self.publisher)
         # Claims and outcomes of steps running at the same moment share commits.
         self.ledger = GroupCommitter(engine)
         self.streams = keys.ready_streams(list(config.queues))
@@ -135,7 +135,7 @@ class WorkerRuntime:
             target=self._heartbeat, args=(stop,), daemon=True, name=f"{cfg.name}-heartbeat"
         )
         heartbeat.start()
-        self.completions.start()
+        self.outbox.start()
         next_takeover = 0.0
         while not stop.is_set():
             if not self._slots.acquire(timeout=cfg.block_ms / 1000):
@@ -168,7 +168,7 @@ class WorkerRuntime:
                 self._start_handler(entry)
         self._stopping.set()
         self._drain()
-        self.completions.close()
+        self.outbox.close()
         grouped = self.ledger.stats
         log_event(
             "worker.stopped",
@@ -317,25 +317,11 @@ class WorkerRuntime:
         )
 
     def _ack(self, entry: Entry) -> None:
-        """Acknowledge a handled ready entry, once, without waiting on Redis.
-
-        Never retried here: the claim (or its refusal) is already in the ledger, so an
-        entry left pending is harmless — whoever takes it over later finds the step
-        claimed and records a duplicate. Blocking on it instead would hold a claimed step
-        back while its lease ran out.
-        """
-        try:
-            self.transport.ack(entry.stream, self.keys.workers_group, [entry.id])
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            log_event(
-                "worker.ack_failed",
-                logging.WARNING,
-                stream=entry.stream,
-                entry=entry.id,
-                error=str(exc)[:200],
-            )
+        """Acknowledge a handled ready entry, once, without waiting on Redis: the outbox
+        sends it. Never retried: the claim (or its refusal) is already in the ledger, so
+        an entry left pending is harmless — whoever takes it over later finds the step
+        claimed and records a duplicate."""
+        self.outbox.put(Ack(entry.stream, self.keys.workers_group, entry.id))
 
     def _run(self, claim: Claim, entry: Entry) -> None:
         """Run a claimed step, then each child whose outcome handed it straight to this
@@ -472,7 +458,7 @@ class WorkerRuntime:
         if ready and not self.publisher.publish_ready(ready_messages(ready)):
             # Hand them back to the dispatcher rather than wait for the stale deadline.
             in_transaction(self.engine, lambda conn: unmark_dispatched(conn, ready))
-        self.completions.put(
+        self.outbox.put(
             CompletionEvent(
                 claim.workflow_id,
                 claim.step,

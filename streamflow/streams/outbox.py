@@ -1,21 +1,29 @@
-"""The worker's completion outbox: completion events published from a thread of their own.
+"""The worker's outbox: completion events and ready-entry acknowledgements sent to Redis
+from a thread of their own.
 
-A completion event is announced after its outcome committed, and nothing waits for it:
-the consumer accounts for it, and the reconciler repairs one that never arrives. So the
-step thread should not wait on Redis for it either — above all not when it is about to run
-the child its outcome handed off. The step thread puts the event here and goes on; this
-thread publishes whatever has queued up, in order, many events in one round trip.
+Both follow a commit and nothing waits for them. A completion event is accounted for by
+the consumer, and the reconciler repairs one that never arrives; an entry left
+unacknowledged is harmless, since whoever takes it over finds its step claimed and
+records a duplicate. So a step thread should not wait on Redis for either — above all
+not when it is about to run the child its outcome handed off. It puts them here and goes
+on; this thread sends whatever has queued up, in order: the events in one round trip,
+the acknowledgements in one XACK per stream.
 
-What a crash can lose is what a failed publish loses: the events not yet sent, which the
-reconciler finds in the ledger. A failed batch is logged (by `Publisher`) and not
-retried; `close()` sends everything queued before it returns.
+What a crash can lose is what a failed send loses: the events not yet sent (the
+reconciler finds them in the ledger) and the acknowledgements (their entries are taken
+over and found claimed). A failed batch is logged and not retried; `close()` sends
+everything queued before it returns.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
+from collections import defaultdict
+from dataclasses import dataclass
 
+from streamflow.logs import log_event
 from streamflow.streams.codec import CompletionEvent
 from streamflow.streams.publisher import Publisher
 
@@ -25,7 +33,16 @@ DEFAULT_MAX_BATCH = 200
 _STOP = object()
 
 
-class CompletionOutbox:
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """A ready entry handled: acknowledge it in its consumer group."""
+
+    stream: str
+    group: str
+    entry_id: str
+
+
+class StreamOutbox:
     def __init__(self, publisher: Publisher, *, max_batch: int = DEFAULT_MAX_BATCH) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -44,13 +61,13 @@ class CompletionOutbox:
                 )
                 self._thread.start()
 
-    def put(self, event: CompletionEvent) -> None:
-        """Queue `event` for the outbox's thread; published at once if it is not running."""
+    def put(self, item: CompletionEvent | Ack) -> None:
+        """Queue `item` for the outbox's thread; sent at once if it is not running."""
         with self._lock:
             if self._thread is not None:
-                self._queue.put(event)
+                self._queue.put(item)
                 return
-        self._send([event])
+        self._send([item])
 
     def close(self, timeout: float = 10.0) -> None:
         """Send everything queued, then stop the thread (`start` may run it again)."""
@@ -81,6 +98,25 @@ class CompletionOutbox:
             if stop:
                 return
 
-    def _send(self, events: list[CompletionEvent]) -> None:
-        if not self.publisher.publish_completions(events):
+    def _send(self, items: list[CompletionEvent | Ack]) -> None:
+        events = [i for i in items if isinstance(i, CompletionEvent)]
+        if events and not self.publisher.publish_completions(events):
             self.failed_batches += 1
+        acks: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for i in items:
+            if isinstance(i, Ack):
+                acks[(i.stream, i.group)].append(i.entry_id)
+        for (stream, group), ids in acks.items():
+            try:
+                self.publisher.transport.ack(stream, group, ids)
+            # Whatever the transport raises: the claims are committed, the entries are
+            # only left pending (see the module's docstring).
+            except Exception as exc:
+                self.failed_batches += 1
+                log_event(
+                    "worker.ack_failed",
+                    logging.WARNING,
+                    stream=stream,
+                    entries=len(ids),
+                    error=f"{type(exc).__name__}: {exc}"[:200],
+                )

@@ -1,6 +1,6 @@
-"""The worker's completion outbox: completion events leave on a thread of their own, in
-batches, in the order they were put; closing flushes what is queued; a failed publish is
-logged and the outbox goes on."""
+"""The worker's outbox: completion events and acknowledgements leave on a thread of their
+own, in batches, in the order they were put; closing flushes what is queued; a failed
+send is logged and the outbox goes on."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from ledger.rules import CompletionStatus
 from streamflow.streams.codec import CompletionEvent, decode_completion
 from streamflow.streams.keys import StreamKeys
-from streamflow.streams.outbox import CompletionOutbox
+from streamflow.streams.outbox import Ack, StreamOutbox
 from streamflow.streams.publisher import Publisher
 from streamflow.streams.transport import Fields
 
@@ -24,6 +24,7 @@ class RecordingTransport:
 
     def __init__(self) -> None:
         self.calls: list[list[tuple[str, Fields]]] = []
+        self.acks: list[tuple[str, str, list[str]]] = []
         self.gate: threading.Event | None = None
         self.entered = threading.Event()
         self.failures = 0
@@ -44,6 +45,16 @@ class RecordingTransport:
     def add_many(self, items: Sequence[tuple[str, Fields]]) -> list[str]:
         return self._call(list(items))
 
+    def ack(self, stream: str, group: str, ids: Sequence[str]) -> int:
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(5), "the test never opened the gate"
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("injected")
+        self.acks.append((stream, group, list(ids)))
+        return len(ids)
+
 
 def event(n: int) -> CompletionEvent:
     return CompletionEvent(f"wf{n % 3}", f"s{n}", CompletionStatus.COMPLETED, 1, at_ms=n)
@@ -53,8 +64,8 @@ def published(transport: RecordingTransport) -> list[CompletionEvent]:
     return [decode_completion(fields) for call in transport.calls for _, fields in call]
 
 
-def outbox_for(transport: RecordingTransport, **kw: int) -> CompletionOutbox:
-    return CompletionOutbox(Publisher(transport, StreamKeys()), **kw)  # type: ignore[arg-type]
+def outbox_for(transport: RecordingTransport, **kw: int) -> StreamOutbox:
+    return StreamOutbox(Publisher(transport, StreamKeys()), **kw)  # type: ignore[arg-type]
 
 
 def test_events_put_while_a_publish_is_in_flight_leave_together_in_order() -> None:
@@ -114,3 +125,42 @@ def test_a_failed_publish_is_logged_and_the_outbox_goes_on(
     assert published(transport) == [event(2)]
     assert [r.getMessage() for r in caplog.records] == ["stream.publish_failed"]
     assert outbox.failed_batches == 1
+
+
+def test_acknowledgements_queued_together_are_one_xack_per_stream() -> None:
+    transport = RecordingTransport()
+    transport.gate = threading.Event()
+    outbox = outbox_for(transport)
+    outbox.start()
+    outbox.put(Ack("ready:a", "workers", "1-0"))
+    assert transport.entered.wait(5)
+    outbox.put(Ack("ready:a", "workers", "2-0"))
+    outbox.put(event(1))
+    outbox.put(Ack("ready:b", "workers", "3-0"))
+    outbox.put(Ack("ready:a", "workers", "4-0"))
+    transport.gate.set()
+    outbox.close(timeout=5)
+    assert transport.acks == [
+        ("ready:a", "workers", ["1-0"]),
+        ("ready:a", "workers", ["2-0", "4-0"]),
+        ("ready:b", "workers", ["3-0"]),
+    ]
+    assert published(transport) == [event(1)]
+
+
+def test_a_failed_acknowledgement_is_logged_and_the_outbox_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    transport = RecordingTransport()
+    transport.failures = 1
+    outbox = outbox_for(transport)
+    outbox.start()
+    with caplog.at_level(logging.WARNING):
+        outbox.put(Ack("ready:a", "workers", "1-0"))
+        outbox.close(timeout=5)
+        outbox.start()
+        outbox.put(Ack("ready:a", "workers", "2-0"))
+        outbox.close(timeout=5)
+    assert transport.acks == [("ready:a", "workers", ["2-0"])]
+    assert outbox.failed_batches == 1
+    assert any(r.getMessage() == "worker.ack_failed" for r in caplog.records)
