@@ -345,7 +345,8 @@ def _open_loop(
 def _soak(system: System, steps: int, workdir: Path) -> dict[str, Any]:
     """Streamflow only: one long burst of 3-step chains; RSS after the first tenth vs at
     the end (the first tenth is warm-up: pools, caches, imports)."""
-    w = Workload("soak", f"RSS soak {steps:,} steps", "chain", 3, max(1, steps // 3))
+    # Whole chains of 3, at least `steps` of them (100,000 asked: 100,002 run, not 99,999).
+    w = Workload("soak", f"RSS soak {steps:,} steps", "chain", 3, max(1, -(-steps // 3)))
     # The per-run deadline suits the workloads; a soak of 100,000 steps on a slow machine
     # needs longer. Allow it down to 20 steps/s before calling it stuck.
     saved = system.ctx.timeout
