@@ -6,8 +6,9 @@ counters: five or more round trips. Most outcomes need none of that machinery: t
 finished and its children either wait for other parents or are released. Holding the
 workflow lock, nothing else can change those rows, so their fate can be decided from a
 read made *before* the write (the finished step's own state substituted by its new one),
-and the attempt row, the stored result, the step's move, the releases and the counters
-then go in as one statement of data-modifying CTEs.
+and the attempt row, the stored result, the step's move, the releases and the counters —
+and, for the worker's hand-off, the claim of one released child — then go in as one
+statement of data-modifying CTEs.
 
 Anything more — a child cancelled by the outcome (its cascade must read its own
 children), a child whose await activates or consumes a held signal — is left to the
