@@ -7,7 +7,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, literal_column, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    ScalarSelect,
+    bindparam,
+    exists,
+    func,
+    literal_column,
+    select,
+)
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 
 from ledger import tables as t
@@ -104,6 +113,32 @@ CHILDREN_JSON = (
     )
     .scalar_subquery()
 )
+
+
+def parent_results_json(
+    workflow_id: ColumnElement[Any], child: ColumnElement[Any], *, but: Any = None
+) -> ScalarSelect[Any]:
+    """PostgreSQL: the stored results of `child`'s parents (`but` one) as one JSON
+    object by parent name, a parent without a stored result left out; for a claim's read.
+
+    Correlated lookups by primary key, not a join: with the join the planner could (and
+    on a freshly filled table did) walk every result of the workflow for each parent —
+    5 ms a claim on a 200-step chain.
+    """
+    pe, r = t.edges.alias("pe"), t.results
+    stored = (r.c.workflow_id == pe.c.workflow_id) & (r.c.step == pe.c.parent)
+    where = [pe.c.workflow_id == workflow_id, pe.c.child == child]
+    if but is not None:
+        where.append(pe.c.parent != but)
+    return (
+        select(
+            func.json_object_agg(pe.c.parent, select(r.c.payload).where(stored).scalar_subquery())
+        )
+        .where(*where, exists(select(r.c.attempt).where(stored)))
+        .scalar_subquery()
+    )
+
+
 # SQLite has no arrays; its planner takes the IN list as given.
 CHILDREN_WITH_DEPS_SQLITE = _dep_columns.where(_de.c.child.in_(select(_kids.c.kid))).order_by(
     _c.c.position, _p.c.position

@@ -63,3 +63,8 @@ def resolve(value: Any, results: Mapping[str, Any]) -> tuple[Any, list[str]]:
         return v
 
     return walk(value), missing
+
+
+def resolved_args(args: Any, results: Mapping[str, Any]) -> Any:
+    """`args` with its placeholders replaced by `results` (itself if it has none)."""
+    return resolve(args, results)[0] if referenced_steps(args) else args

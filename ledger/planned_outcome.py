@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Update, bindparam, case, exists, func, insert, select, update
+from sqlalchemy import Connection, Update, bindparam, case, func, insert, select, update
 
 from ledger import tables as t
 from ledger.callbacks import enqueue_callback
 from ledger.changes import COUNTER_COLUMNS, Changes, WorkflowUpdate, workflow_update
-from ledger.children import Child
+from ledger.children import Child, parent_results_json
 from ledger.model import Claim, ReadyStep
-from ledger.placeholders import referenced_steps, resolve
+from ledger.placeholders import resolved_args
 from ledger.rules import DependencyView, StepState
 
 
@@ -132,9 +132,6 @@ def write_planned_outcome(
         results: dict[str, Any] = dict(row["t_parent_results"] or {})
         if with_result:  # stored by this very statement, so not in what it read
             results[step] = attempt_row["payload"]
-        args = row["t_args"]
-        if referenced_steps(args):
-            args, _missing = resolve(args, results)
         claim = Claim(
             workflow_id=workflow_id,
             workflow_name=wf["name"],
@@ -143,7 +140,7 @@ def write_planned_outcome(
             max_attempts=row["t_max_attempts"],
             worker=row["t_worker"],
             queue=row["t_queue"],
-            args=args,
+            args=resolved_args(row["t_args"], results),
             workflow_context=wf["context"],
             dependency_results=results,
             lease_owner=take.owner,
@@ -156,7 +153,6 @@ def write_planned_outcome(
 # -- the statement, built once per variant ------------------------------------------------
 
 _s, _a, _r, _w = t.steps, t.attempts, t.results, t.workflows
-_pe = t.edges.alias("pe")
 _NOW = bindparam("b_now", type_=_s.c.updated_at.type)
 #: What `ledger.transitions.outcome_values` sets on a step that became terminal.
 _TERMINAL_VALUES = (
@@ -171,32 +167,36 @@ _TERMINAL_VALUES = (
 )
 
 
+# An outcome's attempt row and stored result, as CTEs of the statement that moves the step
+# (the general path's too: `ledger.transitions`).
+OUTCOME_ATTEMPT = (
+    insert(_a)
+    .values(
+        workflow_id=bindparam("b_wf"),
+        step=bindparam("b_step"),
+        **{
+            c: bindparam(f"ba_{c}")
+            for c in ("attempt", "status", "payload", "reason", "source", "recorded_at")
+        },
+    )
+    .returning(_a.c.attempt)
+    .cte("outcome_attempt")
+)
+OUTCOME_RESULT = (
+    insert(_r)
+    .values(
+        workflow_id=bindparam("b_wf"),
+        step=bindparam("b_step"),
+        attempt=bindparam("ba_attempt"),
+        payload=bindparam("ba_payload"),
+        recorded_at=bindparam("ba_recorded_at"),
+    )
+    .returning(_r.c.attempt)
+    .cte("outcome_result")
+)
+
+
 def _build(with_result: bool, finishes: bool, takes: bool) -> Update:
-    attempt = (
-        insert(_a)
-        .values(
-            workflow_id=bindparam("b_wf"),
-            step=bindparam("b_step"),
-            **{
-                c: bindparam(f"ba_{c}")
-                for c in ("attempt", "status", "payload", "reason", "source", "recorded_at")
-            },
-        )
-        .returning(_a.c.attempt)
-        .cte("outcome_attempt")
-    )
-    result = (
-        insert(_r)
-        .values(
-            workflow_id=bindparam("b_wf"),
-            step=bindparam("b_step"),
-            attempt=bindparam("ba_attempt"),
-            payload=bindparam("ba_payload"),
-            recorded_at=bindparam("ba_recorded_at"),
-        )
-        .returning(_r.c.attempt)
-        .cte("outcome_result")
-    )
     released = (
         update(_s)
         .where(
@@ -225,7 +225,7 @@ def _build(with_result: bool, finishes: bool, takes: bool) -> Update:
         .returning(_w.c.id)
         .cte("counted")
     )
-    ctes = [attempt, result] if with_result else [attempt]
+    ctes = [OUTCOME_ATTEMPT, OUTCOME_RESULT] if with_result else [OUTCOME_ATTEMPT]
     ctes += [released, counted]
     returning = [select(func.count()).select_from(released).scalar_subquery().label("released")]
     if takes:
@@ -254,21 +254,10 @@ def _build(with_result: bool, finishes: bool, takes: bool) -> Update:
         ]
         # The other parents' stored results: committed before this statement, so its
         # snapshot sees them (the finished step's own is added by the caller).
-        stored = (_r.c.workflow_id == _pe.c.workflow_id) & (_r.c.step == _pe.c.parent)
         returning.append(
-            select(
-                func.json_object_agg(
-                    _pe.c.parent, select(_r.c.payload).where(stored).scalar_subquery()
-                )
-            )
-            .where(
-                _pe.c.workflow_id == bindparam("b_wf"),
-                _pe.c.child == bindparam("b_take"),
-                _pe.c.parent != bindparam("b_step"),
-                exists(select(_r.c.attempt).where(stored)),
-            )
-            .scalar_subquery()
-            .label("t_parent_results")
+            parent_results_json(
+                bindparam("b_wf"), bindparam("b_take"), but=bindparam("b_step")
+            ).label("t_parent_results")
         )
     # The step's own move is the statement. Every parameter has a prefix: SQLAlchemy
     # would add a parameter named like a column to the SET of each UPDATE of its table.

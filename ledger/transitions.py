@@ -19,7 +19,13 @@ from ledger.errors import InvalidCompletionError
 from ledger.evidence import record_evidence
 from ledger.jsonsafe import json_problems
 from ledger.model import CALLBACK_JOB, STEP_JOB, Claim, CompletionResult, ReadyStep
-from ledger.planned_outcome import Take, plan_releases, write_planned_outcome
+from ledger.planned_outcome import (
+    OUTCOME_ATTEMPT,
+    OUTCOME_RESULT,
+    Take,
+    plan_releases,
+    write_planned_outcome,
+)
 from ledger.rules import (
     TERMINAL_STATES,
     AwaitState,
@@ -438,30 +444,8 @@ _UPDATE_WORKFLOW = update(_w).where(_w.c.id == bindparam("b_id"))
 # PostgreSQL: an outcome's attempt row (and stored result) inserted by the statement that
 # moves the step, as data-modifying CTEs — one round trip instead of three. The caller
 # holds the workflow lock, so the conditional update cannot miss.
-_attempt_values: dict[str, Any] = {
-    c: bindparam(f"ba_{c}")
-    for c in ("attempt", "status", "payload", "reason", "source", "recorded_at")
-}
-_OUTCOME_ATTEMPT = (
-    insert(_a)
-    .values(workflow_id=bindparam("b_wf"), step=bindparam("b_step"), **_attempt_values)
-    .returning(_a.c.attempt)
-    .cte("outcome_attempt")
-)
-_OUTCOME_RESULT = (
-    insert(t.results)
-    .values(
-        workflow_id=bindparam("b_wf"),
-        step=bindparam("b_step"),
-        attempt=bindparam("ba_attempt"),
-        payload=bindparam("ba_payload"),
-        recorded_at=bindparam("ba_recorded_at"),
-    )
-    .returning(t.results.c.attempt)
-    .cte("outcome_result")
-)
-_OUTCOME = _SET_STEP_IF.add_cte(_OUTCOME_ATTEMPT)
-_OUTCOME_WITH_RESULT = _SET_STEP_IF.add_cte(_OUTCOME_ATTEMPT, _OUTCOME_RESULT)
+_OUTCOME = _SET_STEP_IF.add_cte(OUTCOME_ATTEMPT)
+_OUTCOME_WITH_RESULT = _SET_STEP_IF.add_cte(OUTCOME_ATTEMPT, OUTCOME_RESULT)
 
 
 def _step_and_history(
