@@ -7,18 +7,20 @@ recorded as a `duplicate` delivery.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, exists, func, select, update
+from sqlalchemy import Connection, bindparam, select, update
 
 from ledger import tables as t
 from ledger.changes import Changes
+from ledger.children import parent_results_json
 from ledger.db import lock_workflow
 from ledger.evidence import record_evidence
 from ledger.model import Claim as Claim
-from ledger.placeholders import referenced_steps, resolve
+from ledger.placeholders import resolved_args
 from ledger.rules import ClaimVerdict, StepState, classify_claim
 from ledger.steps import step_not_found
 from ledger.transitions import apply_changes, set_step_if
@@ -88,8 +90,8 @@ def claim_step(
             if _stale(message_at, *offers):
                 _record_stale_claim(conn, claim, source, now)
             return claim
-    read = _CLAIM_READ_WITH_RESULTS if postgres else _CLAIM_READ
-    row = conn.execute(read, {"b_wf": workflow_id, "b_step": step}).mappings().first()
+    # SQLite; on PostgreSQL only a step that is not available gets here, to be refused.
+    row = conn.execute(_CLAIM_READ, {"b_wf": workflow_id, "b_step": step}).mappings().first()
     if row is None:
         raise step_not_found(conn, workflow_id, step)
     state = StepState(row["state"])
@@ -109,37 +111,41 @@ def claim_step(
         )
         return ClaimRefused(workflow_id, step, verdict, state)
 
-    stale = _stale(message_at, row["available_at"], row["dispatched_at"])
     attempt = row["attempt"] + 1
     expires = now + timedelta(seconds=lease_seconds)
     _take(conn, workflow_id, step, attempt=attempt, owner=owner, expires=expires, now=now)
+    results = _parent_results(conn, workflow_id, step)
+    claim = _claim_from(row, step, attempt=attempt, owner=owner, expires=expires, results=results)
+    if _stale(message_at, row["available_at"], row["dispatched_at"]):
+        _record_stale_claim(conn, claim, source, now)
+    return claim
 
-    deps = referenced_steps(row["args"])
-    # The stored results of the step's parents, in one statement.
-    results: dict[str, Any] = (
-        row["parent_results"] or {} if postgres else _parent_results(conn, workflow_id, step)
-    )
-    args, _missing = resolve(row["args"], results) if deps else (row["args"], [])
-    signal = row["released_by_signal"]
-    claim = Claim(
-        workflow_id=workflow_id,
+
+def _claim_from(
+    row: Mapping[Any, Any],
+    step: str,
+    *,
+    attempt: int,
+    owner: str,
+    expires: datetime,
+    results: dict[str, Any],
+) -> Claim:
+    return Claim(
+        workflow_id=row["workflow_id"],
         workflow_name=row["workflow_name"],
         step=step,
         attempt=attempt,
         max_attempts=row["max_attempts"],
         worker=row["worker"],
         queue=row["queue"],
-        args=args,
+        args=resolved_args(row["args"], results),
         workflow_context=row["workflow_context"],
         dependency_results=results,
         lease_owner=owner,
         lease_expires_at=expires,
         available_at=row["available_at"],
-        signal=signal,
+        signal=row["released_by_signal"],
     )
-    if stale:
-        _record_stale_claim(conn, claim, source, now)
-    return claim
 
 
 def _record_stale_claim(conn: Connection, claim: Claim, source: str, now: datetime) -> None:
@@ -159,18 +165,27 @@ def _record_stale_claim(conn: Connection, claim: Claim, source: str, now: dateti
 
 
 _s, _aw, _sg, _w, _r, _e = t.steps, t.awaits, t.signals, t.workflows, t.results, t.edges
+
+
+def _released_by_signal(workflow_id: Any, step: Any) -> Any:
+    """The payload of the signal that released the step (for a step that awaited one)."""
+    return (
+        select(_sg.c.payload)
+        .join(_aw, _aw.c.signal_id == _sg.c.id)
+        .where(_aw.c.workflow_id == workflow_id, _aw.c.step == step)
+        .scalar_subquery()
+        .label("released_by_signal")
+    )
+
+
 # The step's row, its workflow's name and context, and the payload of the signal that
-# released it (for a step that awaited one): one statement, built once.
+# released it: one statement, built once.
 _CLAIM_READ = (
     select(
         _s,
         _w.c.name.label("workflow_name"),
         _w.c.context.label("workflow_context"),
-        select(_sg.c.payload)
-        .join(_aw, _aw.c.signal_id == _sg.c.id)
-        .where(_aw.c.workflow_id == _s.c.workflow_id, _aw.c.step == _s.c.name)
-        .scalar_subquery()
-        .label("released_by_signal"),
+        _released_by_signal(_s.c.workflow_id, _s.c.name),
     )
     .join(_w, _w.c.id == _s.c.workflow_id)
     .where(_s.c.workflow_id == bindparam("b_wf"), _s.c.name == bindparam("b_step"))
@@ -178,31 +193,6 @@ _CLAIM_READ = (
 _CLAIM_COUNTERS = (
     update(_w)
     .where(_w.c.id == bindparam("b_id"))
-    .values(
-        available_count=_w.c.available_count - 1,
-        executing_count=_w.c.executing_count + 1,
-        updated_at=bindparam("b_now"),
-    )
-)
-_TAKE_STEP = (
-    update(_s)
-    .where(
-        _s.c.workflow_id == bindparam("b_wf"),
-        _s.c.name == bindparam("b_step"),
-        _s.c.state == StepState.AVAILABLE.value,
-    )
-    .values(
-        {
-            c: bindparam(f"bs_{c}")
-            for c in ("state", "attempt", "lease_owner", "lease_expires_at", "updated_at")
-        }
-    )
-    .returning(_s.c.name)
-    .cte("taken")
-)
-_TAKE = (
-    update(_w)
-    .where(_w.c.id == bindparam("b_wf"), exists(select(_TAKE_STEP.c.name)))
     .values(
         available_count=_w.c.available_count - 1,
         executing_count=_w.c.executing_count + 1,
@@ -218,24 +208,6 @@ _PARENT_RESULTS = select(
     select(_r.c.attempt).where(_stored).scalar_subquery().label("attempt"),
     select(_r.c.payload).where(_stored).scalar_subquery().label("payload"),
 ).where(_e.c.workflow_id == bindparam("b_wf"), _e.c.child == bindparam("b_step"))
-# PostgreSQL: the parents' stored results ride along with the claim's read, as one JSON
-# object built by the same correlated lookups (a parent without a result is left out).
-_pe = t.edges.alias("pe")
-_pstored = (_r.c.workflow_id == _pe.c.workflow_id) & (_r.c.step == _pe.c.parent)
-_CLAIM_READ_WITH_RESULTS = _CLAIM_READ.add_columns(
-    select(
-        func.json_object_agg(_pe.c.parent, select(_r.c.payload).where(_pstored).scalar_subquery())
-    )
-    .where(
-        _pe.c.workflow_id == _s.c.workflow_id,
-        _pe.c.child == _s.c.name,
-        exists(select(_r.c.attempt).where(_pstored)),
-    )
-    .scalar_subquery()
-    .label("parent_results")
-)
-
-
 # PostgreSQL, a hand-off claim (the workflow locked, the step just released, no message to
 # judge): the take and the claim's read are one statement. The step's move is a CTE; the
 # workflow's counters move only if it took the step, and the claim's columns come back
@@ -267,7 +239,6 @@ _TAKEN = (
     )
     .cte("taken")
 )
-_tstored = (_r.c.workflow_id == _pe.c.workflow_id) & (_r.c.step == _pe.c.parent)
 _TAKE_AT_ONCE = (
     update(_w)
     .where(_w.c.id == bindparam("b_wf"), _w.c.id == _TAKEN.c.workflow_id)
@@ -277,6 +248,7 @@ _TAKE_AT_ONCE = (
         updated_at=bindparam("b_now"),
     )
     .returning(
+        _TAKEN.c.workflow_id,
         _TAKEN.c.attempt,
         _TAKEN.c.max_attempts,
         _TAKEN.c.worker,
@@ -286,23 +258,8 @@ _TAKE_AT_ONCE = (
         _TAKEN.c.dispatched_at,
         _w.c.name.label("workflow_name"),
         _w.c.context.label("workflow_context"),
-        select(_sg.c.payload)
-        .join(_aw, _aw.c.signal_id == _sg.c.id)
-        .where(_aw.c.workflow_id == _TAKEN.c.workflow_id, _aw.c.step == _TAKEN.c.name)
-        .scalar_subquery()
-        .label("released_by_signal"),
-        select(
-            func.json_object_agg(
-                _pe.c.parent, select(_r.c.payload).where(_tstored).scalar_subquery()
-            )
-        )
-        .where(
-            _pe.c.workflow_id == _TAKEN.c.workflow_id,
-            _pe.c.child == _TAKEN.c.name,
-            exists(select(_r.c.attempt).where(_tstored)),
-        )
-        .scalar_subquery()
-        .label("parent_results"),
+        _released_by_signal(_TAKEN.c.workflow_id, _TAKEN.c.name),
+        parent_results_json(_TAKEN.c.workflow_id, _TAKEN.c.name).label("parent_results"),
     )
 )
 
@@ -330,24 +287,8 @@ def _take_at_once(
     if row is None:
         return None
     results: dict[str, Any] = row["parent_results"] or {}
-    args = row["args"]
-    if referenced_steps(args):
-        args, _missing = resolve(args, results)
-    claim = Claim(
-        workflow_id=workflow_id,
-        workflow_name=row["workflow_name"],
-        step=step,
-        attempt=row["attempt"],
-        max_attempts=row["max_attempts"],
-        worker=row["worker"],
-        queue=row["queue"],
-        args=args,
-        workflow_context=row["workflow_context"],
-        dependency_results=results,
-        lease_owner=owner,
-        lease_expires_at=expires,
-        available_at=row["available_at"],
-        signal=row["released_by_signal"],
+    claim = _claim_from(
+        row, step, attempt=row["attempt"], owner=owner, expires=expires, results=results
     )
     return claim, (row["available_at"], row["dispatched_at"])
 
@@ -370,12 +311,8 @@ def _take(
     expires: datetime,
     now: datetime,
 ) -> None:
-    """Move the step to `executing` under this lease, and the workflow's counters with it.
-
-    A claim never finishes a workflow, so the counters move in place: no need for the
-    locked row's values (which a hand-off claim's caller has already changed). On
-    PostgreSQL one statement, the step's update riding along as a CTE.
-    """
+    """Move the step to `executing` under this lease, and the workflow's counters with it
+    (in place: a claim never finishes a workflow)."""
     values = {
         "state": StepState.EXECUTING.value,
         "attempt": attempt,
@@ -383,10 +320,6 @@ def _take(
         "lease_expires_at": expires,
         "updated_at": now,
     }
-    if conn.dialect.name == "postgresql":
-        params = {f"bs_{k}": v for k, v in values.items()}
-        conn.execute(_TAKE, {**params, "b_wf": workflow_id, "b_step": step, "b_now": now})
-        return
     set_step_if(conn, workflow_id, step, StepState.AVAILABLE, values)
     conn.execute(_CLAIM_COUNTERS, {"b_id": workflow_id, "b_now": now})
 

@@ -80,28 +80,19 @@ def complete_job(
     and added to `ready` instead, so it is published like any other.
     """
     _check(job)
+    outcome = (workflow_id, step, status, payload)
+    common: dict[str, Any] = {
+        "attempt": attempt,
+        "source": source,
+        "now": now,
+        "dispatch": dispatch,
+    }
     if job == CALLBACK_JOB:
-        return complete_callback(
-            conn,
-            workflow_id,
-            step,
-            status,
-            payload,
-            attempt=attempt,
-            source=source,
-            now=now,
-            dispatch=dispatch,
-        )
+        return complete_callback(conn, *outcome, **common)
     result = complete_step(
         conn,
-        workflow_id,
-        step,
-        status,
-        payload,
-        attempt=attempt,
-        source=source,
-        now=now,
-        dispatch=dispatch,
+        *outcome,
+        **common,
         hand_off_queues=hand_off_queues,
         hand_off_owner=hand_off_owner,
         hand_off_lease_seconds=hand_off_lease_seconds,
