@@ -9,16 +9,18 @@ with its own rows).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from select import select as poll_readable
 from typing import Any
 
 import psycopg
 from sqlalchemy import (
+    ARRAY,
     Connection,
     Engine,
     String,
+    any_,
     bindparam,
     create_engine,
     event,
@@ -139,6 +141,15 @@ def read(repo: Repo) -> Iterator[Connection]:
 _w = t.workflows
 _READ_WORKFLOW = select(_w).where(_w.c.id == bindparam("b_id"))
 _LOCK_WORKFLOW = _READ_WORKFLOW.with_for_update()
+# Many at once, in the order Python sorts the ids (code points: "C", byte order in UTF-8),
+# which is the order a group commit runs its operations in: every multi-workflow lock
+# follows one order, so none waits on another in a cycle. LockRows sits above the sort.
+_LOCK_WORKFLOWS = (
+    select(_w)
+    .where(_w.c.id == any_(bindparam("b_ids", type_=ARRAY(String))))
+    .order_by(_w.c.id.collate("C"))
+    .with_for_update()
+)
 _TOUCH_WORKFLOW = update(_w).where(_w.c.id == bindparam("b_id")).values(updated_at=_w.c.updated_at)
 _LOCK_EVENT = select(func.pg_advisory_xact_lock(func.hashtext(bindparam("b_key", type_=String))))
 
@@ -166,6 +177,35 @@ def lock_event(conn: Connection, key: str) -> None:
         conn.execute(_LOCK_EVENT, {"b_key": key})
 
 
+#: `Connection.info` key: rows of workflows a group locked up front, not yet handed out.
+PRELOCKED = "streamflow_prelocked"
+
+
+@contextmanager
+def workflows_locked(conn: Connection, workflow_ids: Sequence[str]) -> Iterator[None]:
+    """Lock every workflow of a group of operations with one statement, for the rest of
+    the transaction; inside, each workflow's first `lock_workflow` is free.
+
+    The group commit runs several operations (claims, outcomes) in one transaction, each
+    of which locks its workflow first: one round trip each. Here they are all locked up
+    front, in sorted order, and each row is handed to the first operation that asks.
+    PostgreSQL only, and only for two workflows or more (one lock is one statement
+    either way). A workflow that does not exist is simply not locked: its operation's own
+    `lock_workflow` raises as it always did.
+    """
+    ids = sorted(set(workflow_ids))
+    if conn.dialect.name != "postgresql" or len(ids) < 2:
+        yield
+        return
+    rows = conn.execute(_LOCK_WORKFLOWS, {"b_ids": ids}).mappings()
+    conn.info[PRELOCKED] = {row["id"]: dict(row) for row in rows}
+    try:
+        yield
+    finally:
+        # `info` outlives the transaction (it belongs to the pooled DBAPI connection).
+        conn.info.pop(PRELOCKED, None)
+
+
 def lock_workflow(conn: Connection, workflow_id: str) -> dict[str, Any]:
     """Lock the workflow row for the rest of the transaction and return it.
 
@@ -175,6 +215,14 @@ def lock_workflow(conn: Connection, workflow_id: str) -> dict[str, Any]:
     two parents finish at the same moment. On SQLite the whole database is locked by
     the first write, so the lock is a no-op update taken before any read.
     """
+    prelocked: dict[str, dict[str, Any]] | None = conn.info.get(PRELOCKED)
+    if prelocked:
+        # Locked with the rest of its group (`workflows_locked`); the row is good only
+        # for the first operation of this workflow — a later one must read what the
+        # earlier one wrote.
+        locked = prelocked.pop(workflow_id, None)
+        if locked is not None:
+            return locked
     params = {"b_id": workflow_id}
     if conn.dialect.name == "sqlite":
         conn.execute(_TOUCH_WORKFLOW, params)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -41,6 +42,10 @@ from streamflow.engine.common import in_transaction
 from streamflow.engine.retrying import is_transient, retrying
 
 T = TypeVar("T")
+
+#: Opened in a group's transaction before its operations run, with their order keys (the
+#: worker's locks every workflow of the group in one statement), closed before the commit.
+GroupScope = Callable[[Connection, list[str]], AbstractContextManager[None]]
 
 #: At most this many operations share a commit: a bound on how long the group's locks
 #: are held and on how much one failed operation makes the others redo.
@@ -71,11 +76,18 @@ class GroupCommitStats:
 class GroupCommitter:
     """Runs ledger operations from many threads in shared transactions."""
 
-    def __init__(self, engine: Engine, *, max_group: int = DEFAULT_MAX_GROUP) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_group: int = DEFAULT_MAX_GROUP,
+        scope: GroupScope | None = None,
+    ) -> None:
         if max_group < 1:
             raise ValueError(f"max_group must be at least 1, got {max_group}")
         self.engine = engine
         self.max_group = max_group
+        self.scope = scope
         self.stats = GroupCommitStats()
         self._queue: list[_Request[Any]] = []
         self._leading = False
@@ -137,11 +149,15 @@ class GroupCommitter:
 
     def _together(self, ordered: list[_Request[Any]]) -> list[Any]:
         with transaction(self.engine) as conn:
-            return [member.work(conn) for member in ordered]
+            if self.scope is None:
+                return [member.work(conn) for member in ordered]
+            with self.scope(conn, [member.order_key for member in ordered]):
+                return [member.work(conn) for member in ordered]
 
     def _one_by_one(self, ordered: list[_Request[Any]]) -> None:
         """Something in the group raised: give every operation its own transaction, so
-        each gets its own answer and no failure undoes a neighbour's write."""
+        each gets its own answer and no failure undoes a neighbour's write. Alone, an
+        operation needs no scope."""
         for member in ordered:
             try:
                 member.result = in_transaction(self.engine, member.work)

@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 
 from ledger.claims import Claim, ClaimRefused
+from ledger.db import workflows_locked
 from ledger.errors import InvalidCompletionError, LedgerError
 from ledger.jobs import claim_job, complete_job, release_job_claim, renew_job_lease
 from ledger.model import STEP_JOB, CompletionResult, ReadyStep
@@ -109,8 +110,9 @@ class WorkerRuntime:
         # Completion events and acknowledgements leave on a thread of their own: a step
         # thread never waits on Redis for them (see `streamflow.streams.outbox`).
         self.outbox = StreamOutbox(self.publisher)
-        # Claims and outcomes of steps running at the same moment share commits.
-        self.ledger = GroupCommitter(engine)
+        # Claims and outcomes of steps running at the same moment share commits, and a
+        # group locks all its workflows with one statement.
+        self.ledger = GroupCommitter(engine, scope=workflows_locked)
         self.streams = keys.ready_streams(list(config.queues))
         self.stats = WorkerStats()
         self._running: dict[tuple[str, str, str], _Running] = {}

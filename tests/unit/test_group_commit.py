@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -192,3 +193,53 @@ def test_a_leader_whose_operation_is_not_in_the_first_group_leads_until_it_is_do
     assert [(o.done, o.result) for o in others] == [(True, f"done:o{i}") for i in range(3)]
     assert _stored(db) == ["me", "o0", "o1", "o2"]
     assert (gc.stats.operations, gc.stats.commits) == (4, 2)
+
+
+def test_a_group_opens_its_scope_inside_its_transaction_with_its_keys(db: Engine) -> None:
+    """The worker's scope locks the group's workflows at once (`ledger.db.workflows_locked`):
+    it must see every key of the group, in the group's transaction, around the work."""
+    seen: list[tuple[list[str], list[str]]] = []
+    log: list[str] = []
+
+    @contextmanager
+    def scope(conn: Connection, keys: list[str]) -> Iterator[None]:
+        conn.execute(rows.insert().values(who="scope"))
+        log.append("open")
+        yield
+        log.append("close")
+        seen.append((keys, list(log)))
+
+    gc = GroupCommitter(db, scope=scope)
+    leader, release = _hold_leader(gc, db)
+    keys = ["wf-c", "wf-a", "wf-b"]
+    _answers, threads = _run_all(gc, {k: _insert(k, log) for k in keys})
+    _wait_until(lambda: _queued(gc) == 3)
+    release.set()
+    for thread in [leader, *threads]:
+        thread.join(10)
+    ordered = sorted(keys)
+    assert seen[-1] == (ordered, ["open", "close", "open", *ordered, "close"])
+    # The scope's write committed with the group: it ran in the same transaction.
+    assert _stored(db).count("scope") == 2
+
+
+def test_operations_split_after_a_failure_run_without_the_scope(db: Engine) -> None:
+    opened: list[list[str]] = []
+
+    @contextmanager
+    def scope(conn: Connection, keys: list[str]) -> Iterator[None]:
+        opened.append(keys)
+        yield
+
+    def boom(conn: Connection) -> str:
+        raise ValueError("a caller's mistake")
+
+    gc = GroupCommitter(db, scope=scope)
+    leader, release = _hold_leader(gc, db)
+    answers, threads = _run_all(gc, {"wf-a": _insert("a"), "wf-b": boom})
+    _wait_until(lambda: _queued(gc) == 2)
+    release.set()
+    for thread in [leader, *threads]:
+        thread.join(10)
+    assert answers["wf-a"] == "done:a" and isinstance(answers["wf-b"], ValueError)
+    assert opened == [["0"], ["wf-a", "wf-b"]]
