@@ -320,14 +320,17 @@ _UNDISPATCHED_CALLBACKS = (
 )
 
 
-def dispatch_callbacks(conn: Connection, now: datetime, limit: int = 500) -> tuple[ReadyStep, ...]:
-    """Callbacks due for a retry go back to `available`; every available, undispatched
-    callback is marked dispatched and returned for publishing (conditionally, so of two
-    dispatchers exactly one publishes it)."""
+def dispatch_callbacks(
+    conn: Connection, now: datetime, limit: int = 500, *, promote: bool = True
+) -> tuple[ReadyStep, ...]:
+    """Callbacks due for a retry go back to `available` (unless `promote` is off); every
+    available, undispatched callback is marked dispatched and returned for publishing
+    (conditionally, so of two dispatchers exactly one publishes it)."""
     c = t.callbacks
     if limit <= 0:
         return ()
-    conn.execute(_PROMOTE_DUE_CALLBACKS, {"b_now": now})
+    if promote:
+        conn.execute(_PROMOTE_DUE_CALLBACKS, {"b_now": now})
     rows = conn.execute(_UNDISPATCHED_CALLBACKS, {"b_limit": limit}).all()
     out = []
     for r in rows:

@@ -38,16 +38,18 @@ _DUE_RETRIES = (
 
 
 def dispatch_undispatched(
-    conn: Connection, now: datetime, limit: int = 500
+    conn: Connection, now: datetime, limit: int = 500, *, promote: bool = True
 ) -> tuple[ReadyStep, ...]:
     """Available steps nobody dispatched yet (inserted roots, API completions, retries):
     mark them dispatched and return them for publishing, highest priority first; then
-    the `on_finish` callbacks waiting to be sent, within the same `limit`."""
+    the `on_finish` callbacks waiting to be sent, within the same `limit`. `promote`:
+    first move callbacks due for a retry back to `available` (the dispatcher does so once
+    per poll interval, as it does for steps' retries, not on every pass)."""
     rows = conn.execute(_UNDISPATCHED, {"b_limit": limit}).all()
     candidates = [ReadyStep(r.workflow_id, r.name, r.queue, r.priority) for r in rows]
     steps = mark_dispatched(conn, candidates, now)
     # Then `on_finish` callbacks enqueued (or due for a retry) and not yet dispatched.
-    return steps + dispatch_callbacks(conn, now, limit - len(steps))
+    return steps + dispatch_callbacks(conn, now, limit - len(steps), promote=promote)
 
 
 def redispatch_stale(

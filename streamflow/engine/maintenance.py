@@ -104,7 +104,7 @@ class Maintenance:
 
     def tick(self, *, promote: bool = True) -> bool:
         """One pass; True if it found work (so the next pass comes at once). `promote`:
-        move due retries back to `available` first."""
+        move due retries (of steps and of callbacks) back to `available` first."""
         now = time.monotonic()
         batch = self.config.batch
         if promote:
@@ -115,7 +115,7 @@ class Maintenance:
             self.engine,
             lambda c: (
                 promote_due_retries(c, utcnow(), batch) if promote else [],
-                dispatch_undispatched(c, utcnow(), batch),
+                dispatch_undispatched(c, utcnow(), batch, promote=promote),
             ),
         )
         self.stats.retries_promoted += len(promoted)

@@ -232,6 +232,9 @@ def test_each_delivery_and_its_result_are_kept(engine: Engine) -> None:
     # Not due yet: nothing to send. Once due, the dispatcher promotes and sends it.
     assert dispatch(engine, NOW) == ()
     later = NOW + timedelta(minutes=10)
+    # A pass that was told not to promote (one a commit's NOTIFY woke) leaves it waiting.
+    with transaction(engine) as conn:
+        assert dispatch_undispatched(conn, later, promote=False) == ()
     assert [r.job for r in dispatch(engine, later)] == [CALLBACK_JOB]
     c2 = claim(engine, wid, now=later)
     assert isinstance(c2, Claim) and c2.attempt == 2
