@@ -98,3 +98,65 @@ def test_unknown_workflow_reads_raise(engine: Engine) -> None:
         Workflow.get(engine, "nope")
     with pytest.raises(WorkflowNotFoundError):
         Workflow.results(engine, "nope")
+
+
+# -- PostgreSQL: one statement -----------------------------------------------------------
+
+
+def _rows(engine: Engine, workflow_id: str) -> dict[str, list[dict[str, object]]]:
+    """Every row the insert wrote, without the workflow id (which differs)."""
+    out: dict[str, list[dict[str, object]]] = {}
+    with engine.connect() as conn:
+        for table, order in ((t.workflows, "id"), (t.steps, "name"), (t.edges, "child")):
+            key = table.c.id if table is t.workflows else table.c.workflow_id
+            found = conn.execute(select(table).where(key == workflow_id).order_by(order))
+            out[table.name] = [
+                {k: v for k, v in row.items() if k not in ("id", "workflow_id")}
+                for row in found.mappings()
+            ]
+    return out
+
+
+def test_on_postgres_an_insert_is_one_statement_and_writes_what_the_general_path_does(
+    pg_engine: Engine,
+) -> None:
+    from datetime import UTC, datetime
+
+    from sqlalchemy import event as sa_event
+
+    from ledger.db import transaction
+    from ledger.insert import insert_rows_one_table_at_a_time, insert_workflow
+
+    with_callback = Workflow.new(
+        "sync_customer", {"account_id": 42}, on_finish=Emails.new({"to": "ops@example.com"})
+    )
+    for step in customer_sync().steps:
+        with_callback = with_callback.add(step.name, step.job, deps=list(step.deps))
+    definition = with_callback.definition()
+    now = datetime(2026, 11, 26, 4, 0, tzinfo=UTC)
+    sent: list[str] = []
+    with transaction(pg_engine) as conn:
+        sa_event.listen(conn, "before_cursor_execute", lambda *a: sent.append(a[2]))
+        at_once = insert_workflow(conn, definition, now)
+    assert len(sent) == 1, "\n".join(sent)
+    with transaction(pg_engine) as conn:
+        general = insert_rows_one_table_at_a_time(conn, definition, now)
+    assert _rows(pg_engine, at_once) == _rows(pg_engine, general)
+    assert len(_rows(pg_engine, at_once)["streamflow_edges"]) == 2
+
+
+def test_on_postgres_the_insert_notifies_the_dispatcher_only_with_a_root_to_run(
+    pg_engine: Engine, postgres_url: str
+) -> None:
+    import psycopg
+
+    from ledger.db import DISPATCH_CHANNEL
+
+    dsn = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute(f"LISTEN {DISPATCH_CHANNEL}")
+        waits = Workflow.new("waits").add("a", Noop.new(), await_signal="go")
+        Workflow.insert(waits, pg_engine)
+        assert list(listener.notifies(timeout=0.3, stop_after=1)) == []
+        Workflow.insert(customer_sync(), pg_engine)
+        assert len(list(listener.notifies(timeout=5, stop_after=1))) == 1
