@@ -36,12 +36,17 @@ from streamflow.streams.transport import StreamTransport
 @dataclass(frozen=True, slots=True)
 class MaintenanceConfig:
     poll_seconds: float = 0.1
+    #: Passes woken by notifications come at most this often: a burst of commits (each
+    #: notifies) is served by a pass every few milliseconds, not one per commit, while a
+    #: lone commit after a quiet spell is dispatched at once.
+    min_pass_seconds: float = 0.005
     trim_seconds: float = 30.0
     batch: int = 500
 
 
 @dataclass
 class MaintenanceStats:
+    passes: int = 0
     dispatched: int = 0
     retries_promoted: int = 0
     trimmed: int = 0
@@ -80,8 +85,14 @@ class Maintenance:
         wakeup = self.wakeup = DispatchWakeup(self.engine, stop)
         log_event("maintenance.started", poll_seconds=self.config.poll_seconds)
         woken = False
+        last_pass = float("-inf")
         try:
             while not stop.is_set():
+                if woken:
+                    rest = last_pass + self.config.min_pass_seconds - time.monotonic()
+                    if rest > 0 and stop.wait(rest):
+                        break
+                last_pass = time.monotonic()
                 try:
                     # Retries fall due with time, not with commits: a pass a notification
                     # woke looks for them only once per poll interval. (A burst of
@@ -107,6 +118,7 @@ class Maintenance:
         move due retries (of steps and of callbacks) back to `available` first."""
         now = time.monotonic()
         batch = self.config.batch
+        self.stats.passes += 1
         if promote:
             self._promote.due = now + self.config.poll_seconds
         # One transaction for both: a pass costs one commit, and it runs ten times a second

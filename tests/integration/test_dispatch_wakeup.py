@@ -115,3 +115,32 @@ def test_a_listening_connection_that_breaks_falls_back_to_polling(
         assert not wakeup.listening
     finally:
         wakeup.close()
+
+
+def test_a_burst_of_commits_is_served_by_a_bounded_number_of_passes(
+    pg_engine: Engine, streams: tuple[RedisTransport, StreamKeys]
+) -> None:
+    """Every insert notifies; passes come at most once per `min_pass_seconds`, so a burst
+    costs a few passes, not one per commit, and every root is still published."""
+    transport, keys = streams
+    config = MaintenanceConfig(poll_seconds=60, min_pass_seconds=0.05)
+    maintenance = Maintenance(pg_engine, transport, keys, config)
+    stop = threading.Event()
+    thread = threading.Thread(target=maintenance.run, args=(stop,))
+    thread.start()
+    try:
+        _until(lambda: maintenance.wakeup is not None and maintenance.wakeup.listening, "LISTEN")
+        before = maintenance.stats.passes
+        started = time.monotonic()
+        ids = [
+            Workflow.insert(Workflow.new("burst").add("root", Noop.new()), pg_engine).id
+            for _ in range(60)
+        ]
+        _until(lambda: all(_published(streams, wid) == ["root"] for wid in ids), "every root")
+        elapsed = time.monotonic() - started
+        passes = maintenance.stats.passes - before
+        assert 1 <= passes <= elapsed / config.min_pass_seconds + 2, (passes, elapsed)
+    finally:
+        stop.set()
+        thread.join(70)
+        assert not thread.is_alive()
