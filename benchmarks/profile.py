@@ -4,8 +4,9 @@
     python -m benchmarks.profile --workflows 300 --out /tmp/prof
 
 Runs W1 through the same harness as the suite, with `py-spy record` attached to the
-worker and to the consume process (CPU samples; the worker also with --idle, so waiting
-on PostgreSQL and Redis shows). Writes the collapsed stacks (`*.txt`, for flamegraph
+worker and to the consume process: CPU samples; the worker also with --idle, so waiting
+on PostgreSQL and Redis shows; both with --gil, only the thread holding the interpreter
+lock, which is where Python's own time goes. Writes the collapsed stacks (`*.txt`, for flamegraph
 tools or speedscope) and prints, per process, the share of samples by layer and the
 functions with the most inclusive time. Needs py-spy (the `bench` extra) and root or
 ptrace permission.
@@ -114,10 +115,15 @@ def main(argv: list[str] | None = None) -> int:
 
             def drive(w: Workload) -> object:
                 # attach once the processes are up, just before the workload starts
-                for proc, name, idle in (
-                    (system.worker, "worker", False),
-                    (system.worker, "worker-idle", True),
-                    (system.consumer, "consume", False),
+                for proc, name, flags in (
+                    (system.worker, "worker", []),
+                    (system.worker, "worker-idle", ["--idle"]),
+                    # Only the thread holding the GIL: where the interpreter's time goes
+                    # (a thread waiting in psycopg or redis-py with the GIL released is
+                    # not counted, which plain CPU samples cannot always tell).
+                    (system.worker, "worker-gil", ["--gil"]),
+                    (system.consumer, "consume", []),
+                    (system.consumer, "consume-gil", ["--gil"]),
                 ):
                     cmd = [
                         pyspy,
@@ -131,9 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                         "--nonblocking",
                         "--output",
                         str(out / f"{name}.txt"),
+                        *flags,
                     ]
-                    if idle:
-                        cmd.append("--idle")
                     recorders.append(
                         subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     )
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_summaries(out: Path) -> None:
-    for name in ("worker", "worker-idle", "consume"):
+    for name in ("worker", "worker-idle", "worker-gil", "consume", "consume-gil"):
         path = out / f"{name}.txt"
         if path.exists():
             print(summarise(path))

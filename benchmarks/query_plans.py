@@ -329,7 +329,8 @@ def run_hot_path(engine: Engine) -> list[Captured]:
 
 
 def _hand_off(conn: Connection, parent: Claim, lease: float, now: datetime) -> None:
-    """The worker's hand-off: the outcome releases the child, the same transaction claims it."""
+    """The worker's hand-off: the outcome releases the child and, in the same statement,
+    claims it for the worker (`ledger.planned_outcome`)."""
     done = complete_step(
         conn,
         parent.workflow_id,
@@ -341,17 +342,10 @@ def _hand_off(conn: Connection, parent: Claim, lease: float, now: datetime) -> N
         now=now,
         dispatch=True,
         hand_off_queues=(parent.queue,),
+        hand_off_owner="w1",
+        hand_off_lease_seconds=lease,
     )
-    assert done.hand_off is not None
-    child = claim_step(
-        conn,
-        parent.workflow_id,
-        done.hand_off.step,
-        owner="w1",
-        lease_seconds=lease,
-        now=now,
-        workflow_locked=True,
-    )
+    child = done.hand_off_claim
     assert isinstance(child, Claim) and child.args == {"x": 1}
 
 

@@ -21,7 +21,20 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Update, bindparam, case, func, insert, select, update
+from sqlalchemy import (
+    ARRAY,
+    BindParameter,
+    Connection,
+    String,
+    Update,
+    any_,
+    bindparam,
+    case,
+    func,
+    insert,
+    select,
+    update,
+)
 
 from ledger import tables as t
 from ledger.callbacks import enqueue_callback
@@ -196,20 +209,24 @@ OUTCOME_RESULT = (
 )
 
 
+def _names(key: str) -> BindParameter[Any]:
+    # An array parameter, not an expanding IN: the statement's SQL stays the same for any
+    # number of names, so SQLAlchemy need not rewrite it on every execution.
+    return bindparam(key, type_=ARRAY(String))
+
+
 def _build(with_result: bool, finishes: bool, takes: bool) -> Update:
     released = (
         update(_s)
         .where(
             _s.c.workflow_id == bindparam("b_wf"),
-            _s.c.name.in_(bindparam("b_release", expanding=True)),
+            _s.c.name == any_(_names("b_release")),
             _s.c.state == StepState.PENDING.value,
         )
         .values(
             state=StepState.AVAILABLE.value,
             available_at=_NOW,
-            dispatched_at=case(
-                (_s.c.name.in_(bindparam("b_dispatch", expanding=True)), _NOW), else_=None
-            ),
+            dispatched_at=case((_s.c.name == any_(_names("b_dispatch")), _NOW), else_=None),
             updated_at=_NOW,
         )
         .returning(_s.c.name)
