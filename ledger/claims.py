@@ -17,7 +17,7 @@ from sqlalchemy import Connection, bindparam, select, update
 from ledger import tables as t
 from ledger.changes import Changes
 from ledger.children import parent_results_json
-from ledger.db import lock_workflow
+from ledger.db import forget_row, hand_on_row, lock_workflow
 from ledger.evidence import record_evidence
 from ledger.model import Claim as Claim
 from ledger.placeholders import resolved_args
@@ -80,7 +80,9 @@ def claim_step(
     taken again.
     """
     postgres = conn.dialect.name == "postgresql"
-    if not workflow_locked:
+    if workflow_locked:
+        forget_row(conn, workflow_id)  # the claim moves the counters in place
+    else:
         lock_workflow(conn, workflow_id)
     if postgres:
         # The common case, the step available: one statement takes it and reads it.
@@ -260,6 +262,8 @@ _TAKE_AT_ONCE = (
         _w.c.context.label("workflow_context"),
         _released_by_signal(_TAKEN.c.workflow_id, _TAKEN.c.name),
         parent_results_json(_TAKEN.c.workflow_id, _TAKEN.c.name).label("parent_results"),
+        # The workflow row as the claim leaves it, for the next operation of a group.
+        *(column.label(f"w_{column.name}") for column in _w.c),
     )
 )
 
@@ -286,6 +290,7 @@ def _take_at_once(
     row = conn.execute(_TAKE_AT_ONCE, params).mappings().first()
     if row is None:
         return None
+    hand_on_row(conn, row, prefix="w_")
     results: dict[str, Any] = row["parent_results"] or {}
     claim = _claim_from(
         row, step, attempt=row["attempt"], owner=owner, expires=expires, results=results

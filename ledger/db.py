@@ -9,7 +9,7 @@ with its own rows).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from select import select as poll_readable
 from typing import Any
@@ -184,26 +184,47 @@ PRELOCKED = "streamflow_prelocked"
 @contextmanager
 def workflows_locked(conn: Connection, workflow_ids: Sequence[str]) -> Iterator[None]:
     """Lock every workflow of a group of operations with one statement, for the rest of
-    the transaction; inside, each workflow's first `lock_workflow` is free.
+    the transaction; inside, a workflow's `lock_workflow` is free while its row is known.
 
     The group commit runs several operations (claims, outcomes) in one transaction, each
     of which locks its workflow first: one round trip each. Here they are all locked up
-    front, in sorted order, and each row is handed to the first operation that asks.
-    PostgreSQL only, and only for two workflows or more (one lock is one statement
-    either way). A workflow that does not exist is simply not locked: its operation's own
-    `lock_workflow` raises as it always did.
+    front, in sorted order, and each row is handed to the first operation that asks. An
+    outcome written in one statement hands on the row it left (`hand_on_row`), so the
+    next operation of the same workflow needs no statement either; anything else that
+    changes the row makes the next one read it (`lock_workflow` takes a row only once).
+    `workflow_ids` has one entry per operation. PostgreSQL only, and only for two
+    operations or more (one lock is one statement either way). A workflow that does not
+    exist is simply not locked: its operation's own `lock_workflow` raises as it always
+    did.
     """
-    ids = sorted(set(workflow_ids))
-    if conn.dialect.name != "postgresql" or len(ids) < 2:
+    if conn.dialect.name != "postgresql" or len(workflow_ids) < 2:
         yield
         return
-    rows = conn.execute(_LOCK_WORKFLOWS, {"b_ids": ids}).mappings()
+    rows = conn.execute(_LOCK_WORKFLOWS, {"b_ids": sorted(set(workflow_ids))}).mappings()
     conn.info[PRELOCKED] = {row["id"]: dict(row) for row in rows}
     try:
         yield
     finally:
         # `info` outlives the transaction (it belongs to the pooled DBAPI connection).
         conn.info.pop(PRELOCKED, None)
+
+
+def hand_on_row(conn: Connection, row: Mapping[Any, Any], *, prefix: str = "") -> None:
+    """`row` holds the locked workflow's row as the statement just run left it (each
+    column under `prefix` + its name): within a group (`workflows_locked`), the next
+    `lock_workflow` of it takes it without a read."""
+    prelocked: dict[str, dict[str, Any]] | None = conn.info.get(PRELOCKED)
+    if prelocked is not None:
+        left = {column.name: row[prefix + column.name] for column in _w.c}
+        prelocked[left["id"]] = left
+
+
+def forget_row(conn: Connection, workflow_id: str) -> None:
+    """The workflow's row is about to change without `lock_workflow` (a claim made under
+    a lock its caller already holds): what was handed on is no longer current."""
+    prelocked: dict[str, dict[str, Any]] | None = conn.info.get(PRELOCKED)
+    if prelocked is not None:
+        prelocked.pop(workflow_id, None)
 
 
 def lock_workflow(conn: Connection, workflow_id: str) -> dict[str, Any]:
@@ -217,9 +238,9 @@ def lock_workflow(conn: Connection, workflow_id: str) -> dict[str, Any]:
     """
     prelocked: dict[str, dict[str, Any]] | None = conn.info.get(PRELOCKED)
     if prelocked:
-        # Locked with the rest of its group (`workflows_locked`); the row is good only
-        # for the first operation of this workflow — a later one must read what the
-        # earlier one wrote.
+        # Locked with the rest of its group (`workflows_locked`). Taken once: whoever
+        # changes the row next either hands on what it left (`hand_on_row`) or leaves
+        # the next operation to read it.
         locked = prelocked.pop(workflow_id, None)
         if locked is not None:
             return locked

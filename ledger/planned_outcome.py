@@ -40,6 +40,7 @@ from ledger import tables as t
 from ledger.callbacks import enqueue_callback
 from ledger.changes import COUNTER_COLUMNS, Changes, WorkflowUpdate, workflow_update
 from ledger.children import Child, parent_results_json
+from ledger.db import hand_on_row
 from ledger.model import Claim, ReadyStep
 from ledger.placeholders import resolved_args
 from ledger.rules import DependencyView, StepState
@@ -137,6 +138,8 @@ def write_planned_outcome(
             f"(step moved: {row is not None}, released: {row and row['released']} of "
             f"{len(released)}, taken: {take and row and row['t_attempt']})"
         )
+    # The workflow row as the statement left it, for the next operation of a group.
+    hand_on_row(conn, {**wf, **update_.values})
     if update_.outcome is not None:
         # In the transaction that records the outcome: the callback is enqueued with it.
         enqueue_callback(conn, wf, update_.outcome, update_.counts, now)

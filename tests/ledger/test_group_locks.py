@@ -1,13 +1,13 @@
 """Locking a group's workflows in one statement (PostgreSQL): the worker's group commit
-locks every workflow its operations touch at once, and each operation's own
-`lock_workflow` then costs nothing — once."""
+locks every workflow its operations touch at once, and an operation's own
+`lock_workflow` then costs nothing while the row handed to it is known to be current."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import Engine, text, update
+from sqlalchemy import Connection, Engine, text, update
 from sqlalchemy import event as sa_event
 from sqlalchemy.exc import OperationalError
 
@@ -15,6 +15,7 @@ from ledger import tables as t
 from ledger.claims import Claim, claim_step
 from ledger.db import PRELOCKED, lock_workflow, transaction, workflows_locked
 from ledger.errors import WorkflowNotFoundError
+from ledger.transitions import complete_step
 from streamflow import Workflow
 from tests.workers import Noop
 
@@ -123,17 +124,86 @@ def test_a_claim_inside_a_locked_group_is_one_statement(pg_engine: Engine) -> No
     assert len(sent) == 2, "\n".join(sent)
 
 
-def test_a_lone_workflow_and_sqlite_take_no_group_lock(
+def test_a_lone_operation_and_sqlite_take_no_group_lock(
     pg_engine: Engine, sqlite_engine: Engine
 ) -> None:
-    """One workflow: its operation's own lock is as cheap, so nothing runs up front."""
+    """One operation: its own lock is as cheap, so nothing runs up front."""
     wid = _insert(pg_engine, 1)[0]
     with transaction(pg_engine) as conn:
         sent = _listen(conn)
-        with workflows_locked(conn, [wid, wid]):
+        with workflows_locked(conn, [wid]):
             assert sent == [] and PRELOCKED not in conn.info
     ids = _insert(sqlite_engine, 2)
     with transaction(sqlite_engine) as conn:
         sent = _listen(conn)
         with workflows_locked(conn, ids):
             assert sent == []
+
+
+def _chain(n: int) -> Workflow:
+    return Workflow.new(f"c{n}").add("a", Noop.new({"n": n})).add("b", Noop.new(), deps=["a"])
+
+
+def _fresh(conn: Connection, workflow_id: str) -> dict[str, object]:
+    row = conn.execute(
+        text("SELECT * FROM streamflow_workflows WHERE id = :i"), {"i": workflow_id}
+    ).mappings()
+    return dict(row.one())
+
+
+def test_an_outcome_hands_the_row_it_wrote_to_the_next_operation_of_its_workflow(
+    pg_engine: Engine,
+) -> None:
+    """Two operations of one workflow in a group (a claim's step finishing, then its
+    sibling's claim, say): the outcome's statement knows the row it left, so the next
+    operation's lock needs no statement either — and sees every counter the outcome moved.
+    """
+    wid = Workflow.insert(_chain(1), pg_engine).id
+    with transaction(pg_engine) as conn:
+        claim_step(conn, wid, "a", owner="w1", lease_seconds=30, now=NOW)
+    with transaction(pg_engine) as conn, workflows_locked(conn, [wid, wid]):
+        done = complete_step(
+            conn, wid, "a", "completed", 1, attempt=1, source="worker", now=NOW, dispatch=True
+        )
+        assert done.applied and [r.step for r in done.ready] == ["b"]
+        sent = _listen(conn)
+        row = lock_workflow(conn, wid)
+        assert sent == []
+        assert row == _fresh(conn, wid)
+        assert (row["available_count"], row["completed_count"]) == (1, 1)
+
+
+def test_a_claim_hands_on_the_row_it_left(pg_engine: Engine) -> None:
+    wid = Workflow.insert(_chain(2), pg_engine).id
+    with transaction(pg_engine) as conn, workflows_locked(conn, [wid, wid]):
+        assert isinstance(claim_step(conn, wid, "a", owner="w1", lease_seconds=30, now=NOW), Claim)
+        sent = _listen(conn)
+        row = lock_workflow(conn, wid)
+        assert sent == []
+        assert row == _fresh(conn, wid) and row["executing_count"] == 1
+
+
+def test_a_claim_under_its_callers_lock_drops_what_was_handed_on(pg_engine: Engine) -> None:
+    """A claim made under a lock its caller holds skips `lock_workflow`; unless it hands
+    on a row of its own, the next operation must read."""
+    wid = Workflow.insert(_chain(3), pg_engine).id
+    with transaction(pg_engine) as conn:
+        claim_step(conn, wid, "a", owner="w1", lease_seconds=30, now=NOW)
+    with transaction(pg_engine) as conn, workflows_locked(conn, [wid, wid, wid]):
+        complete_step(conn, wid, "a", "completed", 1, attempt=1, source="worker", now=NOW)
+        refused = claim_step(
+            conn, wid, "a", owner="w2", lease_seconds=30, now=NOW, workflow_locked=True
+        )
+        assert not isinstance(refused, Claim)
+        sent = _listen(conn)
+        row = lock_workflow(conn, wid)
+        assert len(sent) == 1
+        assert row == _fresh(conn, wid)
+
+
+def test_an_outcome_outside_a_group_leaves_nothing_behind(pg_engine: Engine) -> None:
+    wid = Workflow.insert(_chain(3), pg_engine).id
+    with transaction(pg_engine) as conn:
+        claim_step(conn, wid, "a", owner="w1", lease_seconds=30, now=NOW)
+        complete_step(conn, wid, "a", "completed", 1, attempt=1, source="worker", now=NOW)
+        assert PRELOCKED not in conn.info
