@@ -577,3 +577,48 @@ def test_no_hand_off_when_it_is_switched_off(
         "a",
         "b",
     ]
+
+
+def test_a_lingering_consumer_reads_once_what_arrived_meanwhile(
+    sqlite_engine: Engine, transport: RedisTransport, keys: StreamKeys
+) -> None:
+    """Events trickling in during the linger are taken by one read at its end, not by
+    a read per arrival: the batch costs the same round trips however they trickled."""
+    consumer = CompletionConsumer(
+        sqlite_engine, transport, keys, ConsumerConfig(name="c1", linger_ms=200)
+    )
+    stream = keys.completions
+    transport.ensure_group(stream, keys.completion_group)
+    reads: list[int] = []
+    real_read = transport.read_group
+
+    def counted(*args: Any, **kwargs: Any) -> list[Any]:
+        reads.append(1)
+        return real_read(*args, **kwargs)
+
+    class Trickle(threading.Event):
+        """The linger's wait, during which five events arrive one by one."""
+
+        def wait(self, timeout: float | None = None) -> bool:
+            for i in range(5):
+                transport.add(stream, {"n": str(i)})
+            return False
+
+    transport.read_group = counted  # type: ignore[method-assign]
+    got = consumer._linger([stream], 50, Trickle())
+    assert [e.fields["n"] for e in got] == ["0", "1", "2", "3", "4"]
+    assert len(reads) == 1
+
+
+def test_a_stop_cuts_the_linger_short(
+    sqlite_engine: Engine, transport: RedisTransport, keys: StreamKeys
+) -> None:
+    consumer = CompletionConsumer(
+        sqlite_engine, transport, keys, ConsumerConfig(name="c1", linger_ms=60_000)
+    )
+    transport.ensure_group(keys.completions, keys.completion_group)
+    stop = threading.Event()
+    stop.set()
+    started = time.monotonic()
+    assert consumer._linger([keys.completions], 10, stop) == []
+    assert time.monotonic() - started < 30  # not the minute it would otherwise wait
