@@ -92,6 +92,8 @@ class Maintenance:
                     rest = last_pass + self.config.min_pass_seconds - time.monotonic()
                     if rest > 0 and stop.wait(rest):
                         break
+                    # The commits that notified meanwhile are served by this pass too.
+                    wakeup.drain()
                 last_pass = time.monotonic()
                 try:
                     # Retries fall due with time, not with commits: a pass a notification

@@ -24,6 +24,10 @@ from streamflow.logs import log_event
 _RECONNECT_SECONDS = 5.0
 #: How often a long wait looks at the stop request.
 _STOP_CHECK_SECONDS = 0.5
+#: How long a drain waits for one more notification: what arrived is already in the
+#: socket, so a drain costs next to nothing when there is none. (A timeout of 0 would
+#: mean "none" to older psycopg versions.)
+_DRAIN_POLL_SECONDS = 0.0001
 
 
 class DispatchWakeup:
@@ -58,13 +62,22 @@ class DispatchWakeup:
                 if left <= 0:
                     return False
                 if self._notified(conn, min(left, _STOP_CHECK_SECONDS)):
-                    # Many commits may have notified at once: one pass serves them all.
-                    while self._notified(conn, 0.001):
-                        pass
                     return True
         except psycopg.Error as exc:
             self._lost(exc)
         return False
+
+    def drain(self) -> None:
+        """Take every notification already received, just before a pass: that pass serves
+        the commits that sent them, so they must not wake the next wait."""
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            while self._notified(conn, _DRAIN_POLL_SECONDS):
+                pass
+        except psycopg.Error as exc:
+            self._lost(exc)
 
     def close(self) -> None:
         if self._conn is not None:

@@ -144,3 +144,21 @@ def test_a_burst_of_commits_is_served_by_a_bounded_number_of_passes(
         stop.set()
         thread.join(70)
         assert not thread.is_alive()
+
+
+def test_a_drain_takes_every_notification_already_sent(pg_engine: Engine) -> None:
+    """Woken by the first of several commits, the dispatcher drains the others before its
+    pass (which serves them all), so they do not wake it again after."""
+    from ledger.db import notify_dispatcher
+
+    wakeup = DispatchWakeup(pg_engine, threading.Event())
+    try:
+        assert wakeup.wait(0.01) is False and wakeup.listening
+        for _ in range(3):
+            with pg_engine.begin() as conn:
+                notify_dispatcher(conn)
+        assert wakeup.wait(5) is True
+        wakeup.drain()
+        assert wakeup.wait(0.05) is False
+    finally:
+        wakeup.close()
