@@ -96,13 +96,7 @@ def insert_rows_one_table_at_a_time(
         [
             {
                 "workflow_id": workflow_id,
-                "name": s.name,
-                "position": i,
-                "worker": s.worker,
-                "queue": s.queue,
-                "args": s.args,
-                "max_attempts": s.max_attempts,
-                "priority": s.priority,
+                **_step_fields(i, s),
                 "state": (StepState.PENDING if _starts_pending(s) else StepState.AVAILABLE).value,
                 "attempt": 0,
                 "needs_review": False,
@@ -131,16 +125,7 @@ def _insert_at_once(conn: Connection, definition: WorkflowDefinition, now: datet
     params["b_notify"] = _runnable_roots(definition) > 0
     params["b_steps"] = json.dumps(
         [
-            {
-                "name": s.name,
-                "position": i,
-                "worker": s.worker,
-                "queue": s.queue,
-                "args": s.args,
-                "max_attempts": s.max_attempts,
-                "priority": s.priority,
-                "pending": _starts_pending(s),
-            }
+            {**_step_fields(i, s), "pending": _starts_pending(s)}
             for i, s in enumerate(definition.steps)
         ]
     )
@@ -199,6 +184,19 @@ _INSERT_AT_ONCE = text(
     bindparam("bw_updated_at", type_=t.workflows.c.updated_at.type),
     bindparam("b_notify", type_=Boolean),
 )
+
+
+def _step_fields(position: int, step: StepDefinition) -> dict[str, Any]:
+    """What a step row takes from its definition, whichever way it is written."""
+    return {
+        "name": step.name,
+        "position": position,
+        "worker": step.worker,
+        "queue": step.queue,
+        "args": step.args,
+        "max_attempts": step.max_attempts,
+        "priority": step.priority,
+    }
 
 
 def _starts_pending(step: StepDefinition) -> bool:

@@ -90,6 +90,19 @@ def _run_all(
     return answers, threads
 
 
+def _as_one_group(
+    gc: GroupCommitter, db: Engine, works: dict[str, Callable[[Connection], str]]
+) -> dict[str, Any]:
+    """Queue every work behind a held leader, then let them all run as one group."""
+    leader, release = _hold_leader(gc, db)
+    answers, threads = _run_all(gc, works)
+    _wait_until(lambda: _queued(gc) == len(works))
+    release.set()
+    for thread in [leader, *threads]:
+        thread.join(10)
+    return answers
+
+
 def test_a_lone_caller_commits_alone(db: Engine) -> None:
     gc = GroupCommitter(db)
     assert gc.run(_insert("a"), order_key="wf-a") == "done:a"
@@ -115,14 +128,9 @@ def test_callers_that_arrive_together_share_one_commit(db: Engine) -> None:
 
 def test_a_group_runs_in_order_key_order(db: Engine) -> None:
     gc = GroupCommitter(db)
-    leader, release = _hold_leader(gc, db)
     log: list[str] = []
     keys = ["wf-c", "wf-a", "wf-b"]
-    _answers, threads = _run_all(gc, {k: _insert(k, log) for k in keys})
-    _wait_until(lambda: _queued(gc) == 3)
-    release.set()
-    for thread in [leader, *threads]:
-        thread.join(10)
+    _as_one_group(gc, db, {k: _insert(k, log) for k in keys})
     assert log == ["wf-a", "wf-b", "wf-c"]
 
 
@@ -210,13 +218,8 @@ def test_a_group_opens_its_scope_inside_its_transaction_with_its_keys(db: Engine
         seen.append((keys, list(log)))
 
     gc = GroupCommitter(db, scope=scope)
-    leader, release = _hold_leader(gc, db)
     keys = ["wf-c", "wf-a", "wf-b"]
-    _answers, threads = _run_all(gc, {k: _insert(k, log) for k in keys})
-    _wait_until(lambda: _queued(gc) == 3)
-    release.set()
-    for thread in [leader, *threads]:
-        thread.join(10)
+    _as_one_group(gc, db, {k: _insert(k, log) for k in keys})
     ordered = sorted(keys)
     assert seen[-1] == (ordered, ["open", "close", "open", *ordered, "close"])
     # The scope's write committed with the group: it ran in the same transaction.
@@ -235,11 +238,6 @@ def test_operations_split_after_a_failure_run_without_the_scope(db: Engine) -> N
         raise ValueError("a caller's mistake")
 
     gc = GroupCommitter(db, scope=scope)
-    leader, release = _hold_leader(gc, db)
-    answers, threads = _run_all(gc, {"wf-a": _insert("a"), "wf-b": boom})
-    _wait_until(lambda: _queued(gc) == 2)
-    release.set()
-    for thread in [leader, *threads]:
-        thread.join(10)
+    answers = _as_one_group(gc, db, {"wf-a": _insert("a"), "wf-b": boom})
     assert answers["wf-a"] == "done:a" and isinstance(answers["wf-b"], ValueError)
     assert opened == [["0"], ["wf-a", "wf-b"]]
