@@ -29,13 +29,17 @@ class RecordingTransport:
         self.entered = threading.Event()
         self.failures = 0
 
-    def _call(self, items: list[tuple[str, Fields]]) -> list[str]:
+    def _arrive(self) -> None:
+        """Every call: note it, wait at the gate, fail if failures are left."""
         self.entered.set()
         if self.gate is not None:
             assert self.gate.wait(5), "the test never opened the gate"
         if self.failures:
             self.failures -= 1
             raise ConnectionError("injected")
+
+    def _call(self, items: list[tuple[str, Fields]]) -> list[str]:
+        self._arrive()
         self.calls.append(items)
         return [f"{i}-0" for i in range(len(items))]
 
@@ -46,12 +50,7 @@ class RecordingTransport:
         return self._call(list(items))
 
     def ack(self, stream: str, group: str, ids: Sequence[str]) -> int:
-        self.entered.set()
-        if self.gate is not None:
-            assert self.gate.wait(5), "the test never opened the gate"
-        if self.failures:
-            self.failures -= 1
-            raise ConnectionError("injected")
+        self._arrive()
         self.acks.append((stream, group, list(ids)))
         return len(ids)
 
@@ -109,19 +108,33 @@ def test_without_its_thread_the_outbox_publishes_at_once() -> None:
     assert published(transport) == [event(1), event(2)]
 
 
-def test_a_failed_publish_is_logged_and_the_outbox_goes_on(
+def _first_fails_then_second_goes(
     caplog: pytest.LogCaptureFixture,
-) -> None:
+    first: CompletionEvent | Ack,
+    second: CompletionEvent | Ack,
+    logger: str | None = None,
+) -> tuple[RecordingTransport, StreamOutbox]:
+    """Put `first` while the transport fails once, then `second`: each in a batch of its
+    own (close, start again)."""
     transport = RecordingTransport()
     transport.failures = 1
     outbox = outbox_for(transport)
     outbox.start()
-    with caplog.at_level(logging.WARNING, logger="streamflow.streams"):
-        outbox.put(event(1))
+    with caplog.at_level(logging.WARNING, logger=logger):
+        outbox.put(first)
         outbox.close(timeout=5)  # the failed batch is not retried: the reconciler repairs it
         outbox.start()
-        outbox.put(event(2))
+        outbox.put(second)
         outbox.close(timeout=5)
+    return transport, outbox
+
+
+def test_a_failed_publish_is_logged_and_the_outbox_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    transport, outbox = _first_fails_then_second_goes(
+        caplog, event(1), event(2), logger="streamflow.streams"
+    )
     assert published(transport) == [event(2)]
     assert [r.getMessage() for r in caplog.records] == ["stream.publish_failed"]
     assert outbox.failed_batches == 1
@@ -151,16 +164,9 @@ def test_acknowledgements_queued_together_are_one_xack_per_stream() -> None:
 def test_a_failed_acknowledgement_is_logged_and_the_outbox_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    transport = RecordingTransport()
-    transport.failures = 1
-    outbox = outbox_for(transport)
-    outbox.start()
-    with caplog.at_level(logging.WARNING):
-        outbox.put(Ack("ready:a", "workers", "1-0"))
-        outbox.close(timeout=5)
-        outbox.start()
-        outbox.put(Ack("ready:a", "workers", "2-0"))
-        outbox.close(timeout=5)
+    transport, outbox = _first_fails_then_second_goes(
+        caplog, Ack("ready:a", "workers", "1-0"), Ack("ready:a", "workers", "2-0")
+    )
     assert transport.acks == [("ready:a", "workers", ["2-0"])]
     assert outbox.failed_batches == 1
     assert any(r.getMessage() == "worker.ack_failed" for r in caplog.records)
