@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, select, update
 
+from ledger import direct
 from ledger import tables as t
 from ledger.changes import Changes
 from ledger.children import parent_results_json
@@ -287,7 +288,7 @@ def _take_at_once(
         "bs_lease_owner": owner,
         "bs_lease_expires_at": expires,
     }
-    row = conn.execute(_TAKE_AT_ONCE, params).mappings().first()
+    row = direct.first(conn, _TAKE_AT_ONCE, params)
     if row is None:
         return None
     hand_on_row(conn, row, prefix="w_")

@@ -32,6 +32,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from ledger import direct
 from ledger import tables as t
 from ledger.errors import WorkflowNotFoundError
 
@@ -200,8 +201,8 @@ def workflows_locked(conn: Connection, workflow_ids: Sequence[str]) -> Iterator[
     if conn.dialect.name != "postgresql" or len(workflow_ids) < 2:
         yield
         return
-    rows = conn.execute(_LOCK_WORKFLOWS, {"b_ids": sorted(set(workflow_ids))}).mappings()
-    conn.info[PRELOCKED] = {row["id"]: dict(row) for row in rows}
+    rows = direct.rows(conn, _LOCK_WORKFLOWS, {"b_ids": sorted(set(workflow_ids))})
+    conn.info[PRELOCKED] = {row["id"]: row for row in rows}
     try:
         yield
     finally:
@@ -244,12 +245,13 @@ def lock_workflow(conn: Connection, workflow_id: str) -> dict[str, Any]:
         locked = prelocked.pop(workflow_id, None)
         if locked is not None:
             return locked
+    row: Mapping[Any, Any] | None
     params = {"b_id": workflow_id}
     if conn.dialect.name == "sqlite":
         conn.execute(_TOUCH_WORKFLOW, params)
         row = conn.execute(_READ_WORKFLOW, params).mappings().first()
     else:
-        row = conn.execute(_LOCK_WORKFLOW, params).mappings().first()
+        row = direct.first(conn, _LOCK_WORKFLOW, params)
     if row is None:
         raise WorkflowNotFoundError(workflow_id)
     return dict(row)

@@ -36,6 +36,7 @@ from sqlalchemy import (
     update,
 )
 
+from ledger import direct
 from ledger import tables as t
 from ledger.callbacks import enqueue_callback
 from ledger.changes import COUNTER_COLUMNS, Changes, WorkflowUpdate, workflow_update
@@ -129,7 +130,7 @@ def write_planned_outcome(
         expires = now + timedelta(seconds=take.lease_seconds)
         params.update(b_take=take.step, bt_owner=take.owner, bt_expires=expires)
     statement = _STATEMENTS[(with_result, update_.outcome is not None, take is not None)]
-    row = conn.execute(statement, params).mappings().first()
+    row = direct.first(conn, statement, params)
     if row is None or row["released"] != len(released) or (take and row["t_attempt"] is None):
         # Unreachable under the workflow lock; if it ever happens, roll back rather
         # than leave counters that disagree with the steps.

@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, select, tuple_, update
 
+from ledger import direct
 from ledger import tables as t
 from ledger.callbacks import enqueue_callback
 from ledger.changes import Changes, workflow_update
@@ -457,23 +458,27 @@ def _step_and_history(
     transaction writes anything); elsewhere None."""
     params = {"b_wf": workflow_id, "b_step": step}
     if conn.dialect.name == "postgresql":
-        rows = conn.execute(_STEP_HISTORY_AND_CHILDREN, {**params, "b_parent": step}).all()
+        rows = direct.rows(conn, _STEP_HISTORY_AND_CHILDREN, {**params, "b_parent": step})
     else:
-        rows = conn.execute(_STEP_AND_HISTORY, params).all()
+        rows = direct.rows(conn, _STEP_AND_HISTORY, params)
     if not rows:
         raise step_not_found(conn, workflow_id, step)
     first = rows[0]
-    row = {"state": first.state, "attempt": first.attempt, "max_attempts": first.max_attempts}
+    row = {
+        "state": first["state"],
+        "attempt": first["attempt"],
+        "max_attempts": first["max_attempts"],
+    }
     history = {
-        r.h_attempt: RecordedAttempt(
-            r.h_attempt, CompletionStatus(r.h_status), r.h_payload, r.h_reason
+        r["h_attempt"]: RecordedAttempt(
+            r["h_attempt"], CompletionStatus(r["h_status"]), r["h_payload"], r["h_reason"]
         )
         for r in rows
-        if r.h_attempt is not None
+        if r["h_attempt"] is not None
     }
     children = None
     if conn.dialect.name == "postgresql":
-        children = group_children(first.children or [])
+        children = group_children(first["children"] or [])
     return row, history, children
 
 
