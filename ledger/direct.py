@@ -32,15 +32,19 @@ from sqlalchemy.sql.expression import Executable, ReturnsRows
 Processor = Callable[[Any], Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Plan:
     sql: str
     #: Parameters the statement fixes itself (`state = 'pending'`), already processed.
     constants: dict[str, Any]
     #: Bind processors of the caller's parameters, by name.
     binds: dict[str, Processor]
-    #: Result processors by column position (None: the driver's value as it is).
-    results: tuple[Processor | None, ...]
+    #: The result columns that need a processor, by position.
+    results: list[tuple[int, Processor]]
+    width: int
+    #: The result's column names, read from the first execution's description (psycopg
+    #: builds the description anew on every access: a few percent of a worker's time).
+    names: tuple[str, ...] | None = None
 
 
 _plans: dict[tuple[int, str], _Plan] = {}
@@ -48,7 +52,8 @@ _plans_lock = threading.Lock()
 
 
 def rows(conn: Connection, statement: ReturnsRows, params: dict[str, Any]) -> list[dict[str, Any]]:
-    """Execute `statement` with `params`; its rows as dicts keyed by column name."""
+    """Execute `statement` (one that returns rows) with `params`; its rows as dicts
+    keyed by column name."""
     if not _direct(conn):
         executable = cast(Executable, statement)
         return [dict(row) for row in conn.execute(executable, params).mappings()]
@@ -62,25 +67,27 @@ def rows(conn: Connection, statement: ReturnsRows, params: dict[str, Any]) -> li
     cursor = driver.cursor()
     try:
         cursor.execute(plan.sql, values)
-        described = cursor.description
-        fetched = cursor.fetchall() if described is not None else []
+        if plan.names is None:
+            plan.names = _names(plan, cursor)
+        fetched = cursor.fetchall()
     except psycopg.Error as exc:
         raise _as_sqlalchemy(conn, exc, plan.sql, values, cursor) from exc
     finally:
         cursor.close()
-    if not fetched or described is None:
-        return []
-    names = [column.name for column in described]
-    processors = plan.results
-    if len(processors) != len(names):
-        raise RuntimeError(f"expected {len(processors)} columns, the server sent {names}")
-    return [
-        {
-            name: value if process is None else process(value)
-            for name, process, value in zip(names, processors, row, strict=True)
-        }
-        for row in fetched
-    ]
+    out = [dict(zip(plan.names, row, strict=True)) for row in fetched]
+    for position, process in plan.results:
+        name = plan.names[position]
+        for row in out:
+            row[name] = process(row[name])
+    return out
+
+
+def _names(plan: _Plan, cursor: psycopg.Cursor[Any]) -> tuple[str, ...]:
+    described = cursor.description or []
+    names = tuple(column.name for column in described)
+    if len(names) != plan.width or len(set(names)) != len(names):
+        raise RuntimeError(f"expected {plan.width} distinct columns, the server sent {names}")
+    return names
 
 
 def first(
@@ -124,12 +131,16 @@ def _compile(statement: ReturnsRows, dialect: Dialect) -> _Plan:
         else:
             value = bind.effective_value
             constants[name] = value if process is None else process(value)
-    results = tuple(
-        column.type.dialect_impl(dialect).result_processor(dialect, None)
-        for column in statement.exported_columns
-    )
+    columns = list(statement.exported_columns)
+    if not columns:
+        raise TypeError("only a statement that returns rows can be sent directly")
+    results = []
+    for position, column in enumerate(columns):
+        process = column.type.dialect_impl(dialect).result_processor(dialect, None)
+        if process is not None:
+            results.append((position, process))
     # `%(name)s` with psycopg's paramstyle, the same text SQLAlchemy would send.
-    return _Plan(compiled.string, constants, binds, results)
+    return _Plan(compiled.string, constants, binds, results, len(columns))
 
 
 def _as_sqlalchemy(
