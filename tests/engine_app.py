@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,24 @@ class Echo(Worker):
     def perform(self, args: dict[str, Any], ctx: StepContext) -> object:
         _note(ctx)
         return {"args": args, "deps": sorted(ctx.results)}
+
+
+class CountsItsThread(Worker):
+    """Notes which thread ran it and how many steps that thread has run so far."""
+
+    def perform(self, args: dict[str, Any], ctx: StepContext) -> object:
+        thread: Any = threading.current_thread()
+        thread.steps_run = getattr(thread, "steps_run", 0) + 1
+        _note(ctx, thread=thread.name, thread_steps=thread.steps_run)
+        return None
+
+
+class Exits(Worker):
+    """Calls sys.exit() from inside the step."""
+
+    def perform(self, args: dict[str, Any], ctx: StepContext) -> object:
+        _note(ctx)
+        raise SystemExit(3)
 
 
 class Add(Worker):

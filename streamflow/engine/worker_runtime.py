@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import queue
 import threading
 import time
 import traceback
@@ -123,6 +124,8 @@ class WorkerRuntime:
         self._drained = threading.Event()
         #: Set once the worker stops taking work (SIGTERM): no more hand-offs either.
         self._stopping = threading.Event()
+        #: Ready entries for the step threads; None tells one of them to end.
+        self._entries: queue.SimpleQueue[Entry | None] = queue.SimpleQueue()
 
     # -- the read loop -------------------------------------------------------------------
 
@@ -138,6 +141,7 @@ class WorkerRuntime:
         )
         heartbeat.start()
         self.outbox.start()
+        self._start_step_threads()
         next_takeover = 0.0
         while not stop.is_set():
             if not self._slots.acquire(timeout=cfg.block_ms / 1000):
@@ -170,6 +174,8 @@ class WorkerRuntime:
                 self._start_handler(entry)
         self._stopping.set()
         self._drain()
+        for _ in range(cfg.concurrency):
+            self._entries.put(None)
         self.outbox.close()
         grouped = self.ledger.stats
         log_event(
@@ -228,14 +234,36 @@ class WorkerRuntime:
             source=f"worker:{self.config.name}",
         )
 
+    def _start_step_threads(self) -> None:
+        """`concurrency` threads run the steps, each taking the next ready entry: one per
+        slot, so an entry read for a free slot finds a free thread (starting a thread per
+        entry cost about 0.1 ms of CPU each). Daemon threads: a drain that gives up on a
+        hung `perform` must not keep the process alive; the step's claim is released and
+        it runs elsewhere."""
+        for n in range(self.config.concurrency):
+            threading.Thread(
+                target=self._step_thread, daemon=True, name=f"{self.config.name}-step-{n}"
+            ).start()
+
+    def _step_thread(self) -> None:
+        while (entry := self._entries.get()) is not None:
+            try:
+                self._handle(entry)
+            except BaseException:
+                # A step that raised SystemExit, say: `_handle` already gave its slot
+                # back, and the thread must live on, or its slot would never run again.
+                log_event(
+                    "worker.step_thread_error",
+                    logging.ERROR,
+                    worker=self.config.name,
+                    entry=entry.id,
+                    exc_info=True,
+                )
+
     def _start_handler(self, entry: Entry) -> None:
         with self._lock:
             self._handlers += 1
-        # Daemon threads: a drain that gives up on a hung `perform` must not keep the
-        # process alive; the step's claim is released and it runs elsewhere.
-        threading.Thread(
-            target=self._handle, args=(entry,), daemon=True, name=f"{self.config.name}-step"
-        ).start()
+        self._entries.put(entry)
 
     # -- one ready message ---------------------------------------------------------------
 

@@ -449,6 +449,42 @@ def test_duplicate_ready_entries_are_acknowledged_and_the_step_runs_once(
     assert {(r.workflow_id, r.step, r.kind) for r in rows} == {(wid, "a", "delivery")}
 
 
+def test_the_worker_runs_steps_on_a_fixed_set_of_threads(
+    sqlite_engine: Engine, transport: RedisTransport, keys: StreamKeys, perform_log: Path
+) -> None:
+    """A thread per ready entry cost a thread start each (about 0.1 ms of CPU): the
+    worker keeps `concurrency` step threads and hands each entry to a free one."""
+    ids = [
+        Workflow.insert(
+            Workflow.new("threads", {"log": str(perform_log)}).add("a", app.CountsItsThread.new()),
+            sqlite_engine,
+        ).id
+        for _ in range(12)
+    ]
+    Maintenance(sqlite_engine, transport, keys).tick()
+    worker = worker_for(sqlite_engine, transport, keys, concurrency=3)
+    with running(worker.run):
+        until(lambda: all(finished(sqlite_engine, wid) for wid in ids), "every workflow")
+    notes = app.perform_log(perform_log)
+    assert len(notes) == 12
+    assert len({n["thread"] for n in notes}) <= 3
+    assert max(n["thread_steps"] for n in notes) > 1, "every step ran on a new thread"
+
+
+def test_a_step_that_exits_does_not_take_its_thread_with_it(
+    sqlite_engine: Engine, transport: RedisTransport, keys: StreamKeys, perform_log: Path
+) -> None:
+    """One step thread: a step raising SystemExit must leave it serving the next entry."""
+    exits = Workflow.new("exits", {"log": str(perform_log)}).add("a", app.Exits.new())
+    fine = Workflow.new("fine", {"log": str(perform_log)}).add("a", app.Echo.new())
+    Workflow.insert(exits, sqlite_engine)
+    wid = Workflow.insert(fine, sqlite_engine).id
+    Maintenance(sqlite_engine, transport, keys).tick()
+    worker = worker_for(sqlite_engine, transport, keys, concurrency=1)
+    with running(worker.run):
+        until(lambda: finished(sqlite_engine, wid), "the second workflow, after the exit")
+
+
 # -- bugs these tests found, fixed: each pins the right behaviour -------------------------------
 
 
