@@ -21,7 +21,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, literal_column, select, text, tuple_
+from sqlalchemy import (
+    ARRAY,
+    Connection,
+    String,
+    bindparam,
+    func,
+    insert,
+    literal_column,
+    select,
+    text,
+    tuple_,
+)
 
 from ledger import tables as t
 from ledger.changes import Changes
@@ -99,6 +110,40 @@ _ACCOUNTED = select(_e.c.workflow_id, _e.c.dedupe_key, _e.c.classification).wher
 )
 
 _INSERT_EVIDENCE = insert(_e)
+#: The columns a batch's evidence rows fill (an event's evidence has no payload).
+_EVIDENCE_COLUMNS = (
+    "workflow_id",
+    "step",
+    "kind",
+    "classification",
+    "source",
+    "status",
+    "attempt",
+    "reason",
+    "dedupe_key",
+    "created_at",
+)
+
+
+def _array_item(column: str) -> Any:
+    kind = _e.c[column].type
+    return String() if isinstance(kind, String) else kind
+
+
+_evidence_arrays = (
+    func.unnest(
+        # Unbounded text: a value too long for its column fails the insert, as one row
+        # at a time would, instead of being cut by a cast.
+        *(bindparam(f"a_{c}", type_=ARRAY(_array_item(c))) for c in _EVIDENCE_COLUMNS)
+    )
+    .table_valued(*_EVIDENCE_COLUMNS)
+    .render_derived()
+)
+#: PostgreSQL: a batch's evidence as one statement, each column an array, in batch order
+#: (one statement, not one per event).
+_INSERT_EVIDENCE_ARRAYS = insert(_e).from_select(
+    list(_EVIDENCE_COLUMNS), select(*(_evidence_arrays.c[c] for c in _EVIDENCE_COLUMNS))
+)
 
 #: The available, undispatched children of (workflow, parent) pairs, in position order.
 _UNDISPATCHED_CHILDREN = (
@@ -187,7 +232,7 @@ def consume_completions(
             # hand edit) has no such row and gets the full check.
             outcome = (ev.workflow_id, ev.step, ev.attempt)
             terminal.append((i, row.attempt == ev.attempt and outcome in outcomes))
-    conn.execute(_INSERT_EVIDENCE, evidence)
+    _insert_evidence(conn, evidence)
 
     # Dispatch (and repair) in order. The fast path's children are read in one statement
     # per run of fast-path events: a slow-path event between two runs may release and
@@ -221,6 +266,17 @@ def _read_rows(
     steps = {(r.id, r.name): _StepRow(r.state, r.attempt) for r in rows if r.name is not None}
     outcomes = {(r.id, r.name, r.outcome_attempt) for r in rows if r.outcome_attempt is not None}
     return workflows, steps, outcomes
+
+
+def _insert_evidence(conn: Connection, evidence: list[dict[str, Any]]) -> None:
+    if conn.dialect.name != "postgresql":
+        conn.execute(_INSERT_EVIDENCE, evidence)
+        return
+    if any(row["payload"] is not None for row in evidence):
+        raise RuntimeError("an event's evidence has no payload")
+    conn.execute(
+        _INSERT_EVIDENCE_ARRAYS, {f"a_{c}": [row[c] for row in evidence] for c in _EVIDENCE_COLUMNS}
+    )
 
 
 def _evidence_row(

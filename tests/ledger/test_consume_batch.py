@@ -340,3 +340,39 @@ def test_the_batch_takes_the_same_event_lock_as_everyone_else(pg_engine: Engine)
             with pytest.raises(OperationalError, match="lock timeout"), holder.begin():
                 holder.execute(text("SET LOCAL lock_timeout = '200ms'"))
                 lock_event(holder, ev.idempotency_key)
+
+
+@pytest.mark.postgres
+def test_a_batch_writes_its_evidence_with_one_statement_on_postgres(pg_engine: Engine) -> None:
+    """Not an executemany (psycopg sends one statement per row): the rows travel as
+    arrays, in batch order."""
+    ids = [Workflow.insert(fan(), pg_engine).id for _ in range(3)]
+    for wid in ids:
+        complete(pg_engine, wid, "root", "completed", 1, now=NOW)
+    events = [event(wid, "root") for wid in ids] + [event(ids[0], "root")]
+    inserts: list[bool] = []
+
+    def before(_c: Any, _cursor: Any, statement: str, _p: Any, _ctx: Any, many: bool) -> None:
+        if statement.startswith("INSERT INTO streamflow_evidence"):
+            inserts.append(many)
+
+    with transaction(pg_engine) as conn:
+        sa_event.listen(conn, "before_cursor_execute", before)
+        consume_completions(conn, events, NOW, "consumer")
+    assert inserts == [False]
+    e = t.evidence
+    with pg_engine.connect() as conn:
+        rows = conn.execute(
+            select(e.c.workflow_id, e.c.classification, e.c.created_at, e.c.attempt)
+            .where(e.c.kind == "event")
+            .order_by(e.c.id)
+        ).all()
+    # A batch takes its events in workflow-id order; the repeated delivery right after
+    # the first of its workflow.
+    expected = []
+    for wid in sorted(ids):
+        expected.append((wid, "consumed"))
+        if wid == ids[0]:
+            expected.append((wid, "duplicate"))
+    assert [(r.workflow_id, r.classification) for r in rows] == expected
+    assert {r.created_at for r in rows} == {NOW} and {r.attempt for r in rows} == {1}
