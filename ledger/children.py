@@ -16,6 +16,7 @@ from sqlalchemy import (
     func,
     literal_column,
     select,
+    true,
 )
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 
@@ -52,11 +53,8 @@ class Child:
         return decide_child([d for d, _ in self.deps], awaiting_signal=self.awaiting_signal)
 
 
-# PostgreSQL: the children's names are gathered first (an InitPlan on the
-# (workflow_id, parent) index) and their edges then read by `child = ANY(those)`, one
-# statement. A plain `child IN (subquery)` let the planner start from every edge of the
-# workflow and join its way down (on a freshly filled table: 12 ms a hop on a 200-step
-# chain, growing with the square of the workflow's size).
+# SQLite: the children's edges joined to both ends' steps. Its planner takes the IN list
+# of the children's names as given (`CHILDREN_WITH_DEPS_SQLITE`, below).
 _e, _de = t.edges, t.edges.alias("de")
 _p, _c, _aw = t.steps.alias("p"), t.steps.alias("c"), t.awaits
 _kids = (
@@ -84,33 +82,85 @@ _dep_columns = (
     .outerjoin(_aw, (_aw.c.workflow_id == _de.c.workflow_id) & (_aw.c.step == _de.c.child))
     .where(_de.c.workflow_id == bindparam("b_wf"))
 )
-CHILDREN_WITH_DEPS = _dep_columns.where(
-    _de.c.child == func.any(func.array(select(_kids.c.kid).scalar_subquery()))
-).order_by(_c.c.position, _p.c.position)
+
+# PostgreSQL: from the finished step's edges to its children (the (workflow_id, parent)
+# index), then for each child its edges, and for each edge its parent's and its child's
+# rows and the child's await — each a LATERAL subquery the planner cannot flatten (LIMIT,
+# OFFSET), so each is a lookup by primary key, whatever the statistics say. Joined
+# plainly, a planner that believes a workflow has a row or two (a table filled since its
+# last ANALYZE, or one analyzed while it held small workflows) scanned the workflow's
+# every step for each edge: 25 s a hop on a 4,000-step chain.
+_kid_edges = (
+    select(_e.c.workflow_id, _e.c.child)
+    .where(_e.c.workflow_id == bindparam("b_wf"), _e.c.parent == bindparam("b_parent"))
+    .subquery("kid")
+)
+_lat_de = (
+    select(_de.c.workflow_id, _de.c.child, _de.c.parent, _de.c.policy)
+    .where(_de.c.workflow_id == _kid_edges.c.workflow_id, _de.c.child == _kid_edges.c.child)
+    .offset(0)
+    .lateral("de")
+)
+
+
+def _one_step(alias: str, name: ColumnElement[Any], *columns: str) -> Any:
+    s = t.steps
+    return (
+        select(*(s.c[c] for c in columns))
+        .where(s.c.workflow_id == _lat_de.c.workflow_id, s.c.name == name)
+        .limit(1)
+        .lateral(alias)
+    )
+
+
+_lat_p = _one_step("p", _lat_de.c.parent, "state", "terminal_cause", "cancel_root_step", "position")
+_lat_c = _one_step("c", _lat_de.c.child, "state", "queue", "priority", "position")
+_lat_aw = (
+    select(_aw.c.state, _aw.c.signal_id, _aw.c.deadline_ms)
+    .where(_aw.c.workflow_id == _lat_de.c.workflow_id, _aw.c.step == _lat_de.c.child)
+    .limit(1)
+    .lateral("aw")
+)
+_PG_DEP_COLUMNS = (
+    _lat_de.c.child,
+    _lat_de.c.parent,
+    _lat_de.c.policy,
+    _lat_p.c.state.label("parent_state"),
+    _lat_p.c.terminal_cause,
+    _lat_p.c.cancel_root_step,
+    _lat_c.c.state.label("child_state"),
+    _lat_c.c.queue,
+    _lat_c.c.priority,
+    _lat_aw.c.state.label("await_state"),
+    _lat_aw.c.signal_id,
+    _lat_aw.c.deadline_ms,
+)
+_pg_deps_from = (
+    _kid_edges.join(_lat_de, true())
+    .join(_lat_p, true())
+    .join(_lat_c, true())
+    .outerjoin(_lat_aw, true())
+)
+CHILDREN_WITH_DEPS = (
+    select(*_PG_DEP_COLUMNS)
+    .select_from(_pg_deps_from)
+    .order_by(_lat_c.c.position, _lat_p.c.position)
+)
 # The same rows as one JSON array, for a statement that reads more than the children
 # (`ledger.transitions`: the finished step's row and history come with them).
-_json_pairs = [x for c in _dep_columns.selected_columns for x in (literal_column(f"'{c.name}'"), c)]
 CHILDREN_JSON = (
     select(
         func.json_agg(
             aggregate_order_by(
                 func.json_build_object(
-                    *(
-                        x
-                        for c in _dep_columns.selected_columns
-                        for x in (literal_column(f"'{c.name}'"), c)
-                    )
+                    *(x for c in _PG_DEP_COLUMNS for x in (literal_column(f"'{c.name}'"), c))
                 ),
-                _c.c.position,
-                _p.c.position,
+                _lat_c.c.position,
+                _lat_p.c.position,
             )
         )
     )
-    .select_from(_dep_columns.get_final_froms()[0])
-    .where(
-        _de.c.workflow_id == bindparam("b_wf"),
-        _de.c.child == func.any(func.array(select(_kids.c.kid).scalar_subquery())),
-    )
+    .select_from(_pg_deps_from)
     .scalar_subquery()
 )
 

@@ -1,0 +1,77 @@
+"""A big workflow on tables whose statistics say workflows are small.
+
+Right after a deployment, or when a workflow far bigger than the ones ANALYZE last saw is
+inserted, the planner believes a workflow has a row or two in each table. Joined plainly,
+the outcome's read of a step's children then scanned every step of the workflow for
+each edge: on a 4,000-step chain, 25 s a hop (quadratic in the workflow's size). Each of
+the children's and parents' rows must be read by primary key, whatever the statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, text
+
+from benchmarks.query_plans import throwaway_database
+from ledger.children import CHILDREN_WITH_DEPS
+from ledger.db import make_engine
+from ledger.transitions import _STEP_HISTORY_AND_CHILDREN
+from streamflow import Workflow
+from tests.workers import Noop
+
+pytestmark = pytest.mark.postgres
+
+CHAIN = 1500
+
+
+@pytest.fixture(scope="module")
+def stale(postgres_url: str) -> Iterator[tuple[Engine, str]]:
+    with throwaway_database(postgres_url) as url:
+        engine = make_engine(url)
+        for _ in range(100):  # what ANALYZE sees: one step per workflow
+            Workflow.insert(Workflow.new("small").add("a", Noop.new()), engine)
+        with engine.begin() as conn:
+            conn.execute(text("ANALYZE"))
+        chain = Workflow.new("chain")
+        for i in range(CHAIN):
+            chain = chain.add(f"s{i}", Noop.new(), deps=[f"s{i - 1}"] if i else [])
+        yield engine, Workflow.insert(chain, engine).id
+        engine.dispose()
+
+
+def _walk(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", []):
+        yield from _walk(child)
+
+
+def _step_scans(engine: Engine, statement: Any, params: dict[str, Any]) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        compiled = statement.compile(dialect=conn.dialect)
+        values = compiled.construct_params(params)
+        plan = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + compiled.string, values)
+        root = plan.scalar_one()[0]["Plan"]
+        conn.rollback()
+    return [n for n in _walk(root) if n.get("Relation Name") == "streamflow_steps"]
+
+
+@pytest.mark.parametrize(
+    "statement", [_STEP_HISTORY_AND_CHILDREN, CHILDREN_WITH_DEPS], ids=["outcome-read", "general"]
+)
+def test_every_step_row_is_read_by_its_primary_key(
+    stale: tuple[Engine, str], statement: Any
+) -> None:
+    engine, wid = stale
+    middle = f"s{CHAIN // 2}"
+    scans = _step_scans(engine, statement, {"b_wf": wid, "b_step": middle, "b_parent": middle})
+    assert scans, "the plan reads no step row"
+    for scan in scans:
+        assert scan["Node Type"] == "Index Scan", scan
+        condition = scan.get("Index Cond", "")
+        assert "workflow_id" in condition and "name" in condition, (
+            f"{scan.get('Alias')}: read by {condition or scan['Node Type']}, "
+            f"not by (workflow_id, name)"
+        )
