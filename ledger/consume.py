@@ -31,6 +31,7 @@ from sqlalchemy import (
     literal_column,
     select,
     text,
+    true,
     tuple_,
 )
 
@@ -155,6 +156,45 @@ _UNDISPATCHED_CHILDREN = (
         _s.c.dispatched_at.is_(None),
     )
     .order_by(_s.c.position)
+)
+# PostgreSQL: from the (workflow, parent) pairs to their edges, then each child's row by
+# primary key (LATERAL lookups the planner cannot flatten, as in `ledger.children`): a
+# plain join could scan the workflow's every step when its statistics say workflows are
+# small (1 ms an event on a 4,000-step chain).
+_pairs = (
+    func.unnest(
+        bindparam("b_wfs", type_=ARRAY(String())), bindparam("b_parents", type_=ARRAY(String()))
+    )
+    .table_valued("workflow_id", "parent")
+    .render_derived()
+)
+_child_edges = (
+    select(_ed.c.workflow_id, _ed.c.parent, _ed.c.child)
+    .where(_ed.c.workflow_id == _pairs.c.workflow_id, _ed.c.parent == _pairs.c.parent)
+    .offset(0)
+    .lateral("ce")
+)
+_undispatched_child = (
+    select(_s.c.name, _s.c.queue, _s.c.priority, _s.c.position)
+    .where(
+        _s.c.workflow_id == _child_edges.c.workflow_id,
+        _s.c.name == _child_edges.c.child,
+        _s.c.state == StepState.AVAILABLE.value,
+        _s.c.dispatched_at.is_(None),
+    )
+    .limit(1)
+    .lateral("uc")
+)
+_UNDISPATCHED_CHILDREN_PG = (
+    select(
+        _child_edges.c.workflow_id,
+        _child_edges.c.parent,
+        _undispatched_child.c.name,
+        _undispatched_child.c.queue,
+        _undispatched_child.c.priority,
+    )
+    .select_from(_pairs.join(_child_edges, true()).join(_undispatched_child, true()))
+    .order_by(_undispatched_child.c.position)
 )
 
 
@@ -352,7 +392,14 @@ def _undispatched_children(
     conn: Connection, parents: Iterable[tuple[str, str]]
 ) -> dict[tuple[str, str], list[ReadyStep]]:
     """The available, undispatched children of each (workflow, parent), by position."""
-    rows = conn.execute(_UNDISPATCHED_CHILDREN, {"parents": sorted(set(parents))})
+    pairs = sorted(set(parents))
+    if conn.dialect.name == "postgresql":
+        rows = conn.execute(
+            _UNDISPATCHED_CHILDREN_PG,
+            {"b_wfs": [wid for wid, _ in pairs], "b_parents": [step for _, step in pairs]},
+        )
+    else:
+        rows = conn.execute(_UNDISPATCHED_CHILDREN, {"parents": pairs})
     out: dict[tuple[str, str], list[ReadyStep]] = {}
     for r in rows:
         out.setdefault((r.workflow_id, r.parent), []).append(

@@ -17,6 +17,7 @@ from sqlalchemy import Engine, text
 
 from benchmarks.query_plans import throwaway_database
 from ledger.children import CHILDREN_WITH_DEPS
+from ledger.consume import _UNDISPATCHED_CHILDREN_PG
 from ledger.db import make_engine
 from ledger.transitions import _STEP_HISTORY_AND_CHILDREN
 from streamflow import Workflow
@@ -59,14 +60,23 @@ def _step_scans(engine: Engine, statement: Any, params: dict[str, Any]) -> list[
 
 
 @pytest.mark.parametrize(
-    "statement", [_STEP_HISTORY_AND_CHILDREN, CHILDREN_WITH_DEPS], ids=["outcome-read", "general"]
+    "statement",
+    [_STEP_HISTORY_AND_CHILDREN, CHILDREN_WITH_DEPS, _UNDISPATCHED_CHILDREN_PG],
+    ids=["outcome-read", "general", "consumer-dispatch"],
 )
 def test_every_step_row_is_read_by_its_primary_key(
     stale: tuple[Engine, str], statement: Any
 ) -> None:
     engine, wid = stale
     middle = f"s{CHAIN // 2}"
-    scans = _step_scans(engine, statement, {"b_wf": wid, "b_step": middle, "b_parent": middle})
+    params = {
+        "b_wf": wid,
+        "b_step": middle,
+        "b_parent": middle,
+        "b_wfs": [wid],
+        "b_parents": [middle],
+    }
+    scans = _step_scans(engine, statement, params)
     assert scans, "the plan reads no step row"
     for scan in scans:
         assert scan["Node Type"] == "Index Scan", scan
