@@ -86,18 +86,20 @@ _dep_columns = (
 # PostgreSQL: from the finished step's edges to its children (the (workflow_id, parent)
 # index), then for each child its edges, and for each edge its parent's and its child's
 # rows and the child's await — each a LATERAL subquery the planner cannot flatten (LIMIT,
-# OFFSET), so each is a lookup by primary key, whatever the statistics say. Joined
+# OFFSET), so each is a lookup by primary key, whatever the statistics say. Each is
+# keyed by the workflow id parameter itself, so a partitioned ledger prunes to one
+# partition when the statement is planned. Joined
 # plainly, a planner that believes a workflow has a row or two (a table filled since its
 # last ANALYZE, or one analyzed while it held small workflows) scanned the workflow's
 # every step for each edge: 25 s a hop on a 4,000-step chain.
 _kid_edges = (
-    select(_e.c.workflow_id, _e.c.child)
+    select(_e.c.child)
     .where(_e.c.workflow_id == bindparam("b_wf"), _e.c.parent == bindparam("b_parent"))
     .subquery("kid")
 )
 _lat_de = (
     select(_de.c.workflow_id, _de.c.child, _de.c.parent, _de.c.policy)
-    .where(_de.c.workflow_id == _kid_edges.c.workflow_id, _de.c.child == _kid_edges.c.child)
+    .where(_de.c.workflow_id == bindparam("b_wf"), _de.c.child == _kid_edges.c.child)
     .offset(0)
     .lateral("de")
 )
@@ -107,7 +109,7 @@ def _one_step(alias: str, name: ColumnElement[Any], *columns: str) -> Any:
     s = t.steps
     return (
         select(*(s.c[c] for c in columns))
-        .where(s.c.workflow_id == _lat_de.c.workflow_id, s.c.name == name)
+        .where(s.c.workflow_id == bindparam("b_wf"), s.c.name == name)
         .limit(1)
         .lateral(alias)
     )
@@ -117,7 +119,7 @@ _lat_p = _one_step("p", _lat_de.c.parent, "state", "terminal_cause", "cancel_roo
 _lat_c = _one_step("c", _lat_de.c.child, "state", "queue", "priority", "position")
 _lat_aw = (
     select(_aw.c.state, _aw.c.signal_id, _aw.c.deadline_ms)
-    .where(_aw.c.workflow_id == _lat_de.c.workflow_id, _aw.c.step == _lat_de.c.child)
+    .where(_aw.c.workflow_id == bindparam("b_wf"), _aw.c.step == _lat_de.c.child)
     .limit(1)
     .lateral("aw")
 )
