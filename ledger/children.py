@@ -86,12 +86,12 @@ _dep_columns = (
 # PostgreSQL: from the finished step's edges to its children (the (workflow_id, parent)
 # index), then for each child its edges, and for each edge its parent's and its child's
 # rows and the child's await — each a LATERAL subquery the planner cannot flatten (LIMIT,
-# OFFSET), so each is a lookup by primary key, whatever the statistics say. Each is
-# keyed by the workflow id parameter itself, so a partitioned ledger prunes to one
-# partition when the statement is planned. Joined
+# OFFSET), so each is a lookup by primary key, whatever the statistics say. Joined
 # plainly, a planner that believes a workflow has a row or two (a table filled since its
 # last ANALYZE, or one analyzed while it held small workflows) scanned the workflow's
-# every step for each edge: 25 s a hop on a 4,000-step chain.
+# every step for each edge: 25 s a hop on a 4,000-step chain. Each lookup is keyed by
+# the workflow id parameter itself, so a partitioned ledger prunes to one partition when
+# the statement is planned.
 _kid_edges = (
     select(_e.c.child)
     .where(_e.c.workflow_id == bindparam("b_wf"), _e.c.parent == bindparam("b_parent"))

@@ -47,7 +47,9 @@ class _Plan:
     names: tuple[str, ...] | None = None
 
 
-_plans: dict[tuple[int, str], _Plan] = {}
+#: By statement object (kept alive here, so no other statement can take its identity)
+#: and dialect name.
+_plans: dict[tuple[ReturnsRows, str], _Plan] = {}
 _plans_lock = threading.Lock()
 
 
@@ -107,8 +109,8 @@ def _direct(conn: Connection) -> bool:
 
 
 def _plan(statement: ReturnsRows, dialect: Dialect) -> _Plan:
-    # Keyed by identity: the hot statements are module constants, built once.
-    key = (id(statement), dialect.name)
+    # The hot statements are module constants, built once: one plan each.
+    key = (statement, dialect.name)
     plan = _plans.get(key)
     if plan is None:
         with _plans_lock:
