@@ -62,21 +62,29 @@ _kids = (
     .where(_e.c.workflow_id == bindparam("b_wf"), _e.c.parent == bindparam("b_parent"))
     .subquery("kids")
 )
-_dep_columns = (
-    select(
-        _de.c.child,
-        _de.c.parent,
-        _de.c.policy,
-        _p.c.state.label("parent_state"),
-        _p.c.terminal_cause,
-        _p.c.cancel_root_step,
-        _c.c.state.label("child_state"),
-        _c.c.queue,
-        _c.c.priority,
-        _aw.c.state.label("await_state"),
-        _aw.c.signal_id,
-        _aw.c.deadline_ms,
+
+
+def _dep_columns_of(de: Any, p: Any, c: Any, aw: Any) -> tuple[ColumnElement[Any], ...]:
+    """A child's edge with what deciding its fate needs: the edge `de`, its parent's row
+    `p`, its own row `c` and its await `aw` (each a table alias or a subquery)."""
+    return (
+        de.c.child,
+        de.c.parent,
+        de.c.policy,
+        p.c.state.label("parent_state"),
+        p.c.terminal_cause,
+        p.c.cancel_root_step,
+        c.c.state.label("child_state"),
+        c.c.queue,
+        c.c.priority,
+        aw.c.state.label("await_state"),
+        aw.c.signal_id,
+        aw.c.deadline_ms,
     )
+
+
+_dep_columns = (
+    select(*_dep_columns_of(_de, _p, _c, _aw))
     .join(_p, (_p.c.workflow_id == _de.c.workflow_id) & (_p.c.name == _de.c.parent))
     .join(_c, (_c.c.workflow_id == _de.c.workflow_id) & (_c.c.name == _de.c.child))
     .outerjoin(_aw, (_aw.c.workflow_id == _de.c.workflow_id) & (_aw.c.step == _de.c.child))
@@ -123,20 +131,7 @@ _lat_aw = (
     .limit(1)
     .lateral("aw")
 )
-_PG_DEP_COLUMNS = (
-    _lat_de.c.child,
-    _lat_de.c.parent,
-    _lat_de.c.policy,
-    _lat_p.c.state.label("parent_state"),
-    _lat_p.c.terminal_cause,
-    _lat_p.c.cancel_root_step,
-    _lat_c.c.state.label("child_state"),
-    _lat_c.c.queue,
-    _lat_c.c.priority,
-    _lat_aw.c.state.label("await_state"),
-    _lat_aw.c.signal_id,
-    _lat_aw.c.deadline_ms,
-)
+_PG_DEP_COLUMNS = _dep_columns_of(_lat_de, _lat_p, _lat_c, _lat_aw)
 _pg_deps_from = (
     _kid_edges.join(_lat_de, true())
     .join(_lat_p, true())

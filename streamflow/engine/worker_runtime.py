@@ -247,18 +247,7 @@ class WorkerRuntime:
 
     def _step_thread(self) -> None:
         while (entry := self._entries.get()) is not None:
-            try:
-                self._handle(entry)
-            except BaseException:
-                # A step that raised SystemExit, say: `_handle` already gave its slot
-                # back, and the thread must live on, or its slot would never run again.
-                log_event(
-                    "worker.step_thread_error",
-                    logging.ERROR,
-                    worker=self.config.name,
-                    entry=entry.id,
-                    exc_info=True,
-                )
+            self._handle(entry)
 
     def _start_handler(self, entry: Entry) -> None:
         with self._lock:
@@ -270,9 +259,10 @@ class WorkerRuntime:
     def _handle(self, entry: Entry) -> None:
         try:
             self._handle_entry(entry)
-        except Exception:
+        except BaseException:
             # Anything unexpected leaves the entry pending: another worker takes it over
-            # after claim_idle_ms, and the ledger keeps the step safe meanwhile.
+            # after claim_idle_ms, and the ledger keeps the step safe meanwhile. Even a
+            # step's SystemExit: the step thread must live on to serve its slot.
             log_event(
                 "worker.handler_crashed",
                 logging.ERROR,
