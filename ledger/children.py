@@ -53,8 +53,9 @@ class Child:
         return decide_child([d for d, _ in self.deps], awaiting_signal=self.awaiting_signal)
 
 
-# SQLite: the children's edges joined to both ends' steps. Its planner takes the IN list
-# of the children's names as given (`CHILDREN_WITH_DEPS_SQLITE`, below).
+# The finished step's children (the (workflow_id, parent) index), for both backends.
+# SQLite: their edges joined to both ends' steps; its planner takes the IN list of the
+# children's names as given (`CHILDREN_WITH_DEPS_SQLITE`, below).
 _e, _de = t.edges, t.edges.alias("de")
 _p, _c, _aw = t.steps.alias("p"), t.steps.alias("c"), t.awaits
 _kids = (
@@ -100,14 +101,9 @@ _dep_columns = (
 # every step for each edge: 25 s a hop on a 4,000-step chain. Each lookup is keyed by
 # the workflow id parameter itself, so a partitioned ledger prunes to one partition when
 # the statement is planned.
-_kid_edges = (
-    select(_e.c.child)
-    .where(_e.c.workflow_id == bindparam("b_wf"), _e.c.parent == bindparam("b_parent"))
-    .subquery("kid")
-)
 _lat_de = (
     select(_de.c.workflow_id, _de.c.child, _de.c.parent, _de.c.policy)
-    .where(_de.c.workflow_id == bindparam("b_wf"), _de.c.child == _kid_edges.c.child)
+    .where(_de.c.workflow_id == bindparam("b_wf"), _de.c.child == _kids.c.kid)
     .offset(0)
     .lateral("de")
 )
@@ -133,10 +129,7 @@ _lat_aw = (
 )
 _PG_DEP_COLUMNS = _dep_columns_of(_lat_de, _lat_p, _lat_c, _lat_aw)
 _pg_deps_from = (
-    _kid_edges.join(_lat_de, true())
-    .join(_lat_p, true())
-    .join(_lat_c, true())
-    .outerjoin(_lat_aw, true())
+    _kids.join(_lat_de, true()).join(_lat_p, true()).join(_lat_c, true()).outerjoin(_lat_aw, true())
 )
 CHILDREN_WITH_DEPS = (
     select(*_PG_DEP_COLUMNS)

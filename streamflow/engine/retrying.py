@@ -61,9 +61,8 @@ def _log_failure(attempt: int, exc: BaseException | None) -> None:
 
 #: Exponential from 50 ms to 5 s, plus jitter so restarted services are not stampeded by
 #: every process at once.
-_BACKOFF = wait_exponential(multiplier=0.05, max=5.0) + wait_random(0, 0.1)
-#: The first backoff, as `_BACKOFF` gives it for attempt one (before the jitter).
-_FIRST_WAIT = 0.05
+_FIRST_WAIT, _JITTER = 0.05, 0.1
+_BACKOFF = wait_exponential(multiplier=_FIRST_WAIT, max=5.0) + wait_random(0, _JITTER)
 
 
 def _failure(state: RetryCallState) -> BaseException | None:
@@ -82,7 +81,7 @@ def retrying(call: Callable[[], T], *, max_seconds: float = 120.0) -> T:
         if not is_transient(exc):
             raise
         _log_failure(1, exc)
-    time.sleep(_FIRST_WAIT + random.uniform(0, 0.1))
+    time.sleep(_FIRST_WAIT + random.uniform(0, _JITTER))
     for attempt in Retrying(
         retry=retry_if_exception(is_transient),
         wait=_BACKOFF,
