@@ -481,7 +481,19 @@ QueuesOption = Annotated[
     str, typer.Option("--queues", help="Comma-separated queues to take steps from.")
 ]
 ConcurrencyOption = Annotated[
-    int, typer.Option("--concurrency", min=1, max=512, help="Steps run at once.")
+    int, typer.Option("--concurrency", min=1, max=512, help="Steps performing at once.")
+]
+InFlightOption = Annotated[
+    int | None,
+    typer.Option(
+        "--in-flight",
+        min=1,
+        max=2048,
+        help="Steps held at once: claimed, performing or being recorded "
+        "[default: 4 x --concurrency]. More than --concurrency lets the ledger's commits "
+        "overlap running steps; a claimed step may wait here for a free slot.",
+        show_default=False,
+    ),
 ]
 LeaseOption = Annotated[
     float,
@@ -585,8 +597,19 @@ def _keys(partitions: int | None = None) -> StreamKeys:
 def _queues(raw: str) -> tuple[str, ...]:
     queues = tuple(dict.fromkeys(q.strip() for q in raw.split(",") if q.strip()))
     if not queues:
-        raise CliError("--queues needs at least one queue name", EXIT_USAGE)
+        # Checked before any `_edge`, so it reports itself.
+        _fail("--queues needs at least one queue name", EXIT_USAGE)
     return queues
+
+
+def _in_flight(in_flight: int | None, concurrency: int) -> int | None:
+    if in_flight is not None and in_flight < concurrency:
+        _fail(
+            f"--in-flight ({in_flight}) must be at least --concurrency ({concurrency}): "
+            "every step performing is also held",
+            EXIT_USAGE,
+        )
+    return in_flight
 
 
 def _start_engine(
@@ -664,6 +687,7 @@ def _serve_metrics(port: int, host: str) -> MetricsServer:
 def worker(
     queues: QueuesOption = "default",
     concurrency: ConcurrencyOption = 8,
+    in_flight: InFlightOption = None,
     apps: AppOption = None,
     lease_seconds: LeaseOption = 30.0,
     drain_seconds: DrainOption = 30.0,
@@ -685,6 +709,7 @@ def worker(
     options = EngineOptions(
         queues=_queues(queues),
         concurrency=concurrency,
+        in_flight=_in_flight(in_flight, concurrency),
         apps=tuple(apps or ()),
         lease_seconds=lease_seconds,
         drain_seconds=drain_seconds,
@@ -752,6 +777,7 @@ def consume(
 def run(
     queues: QueuesOption = "default",
     concurrency: ConcurrencyOption = 8,
+    in_flight: InFlightOption = None,
     apps: AppOption = None,
     lease_seconds: LeaseOption = 30.0,
     drain_seconds: DrainOption = 30.0,
@@ -775,6 +801,7 @@ def run(
     options = EngineOptions(
         queues=_queues(queues),
         concurrency=concurrency,
+        in_flight=_in_flight(in_flight, concurrency),
         apps=tuple(apps or ()),
         consumer=True,
         maintenance=True,

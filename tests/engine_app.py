@@ -60,6 +60,39 @@ class CountsItsThread(Worker):
         return None
 
 
+class Gated(Worker):
+    """Counts the steps performing at this moment (in this process), remembers the most
+    seen at once, and holds until `GATE` opens (or its step is cancelled): a test can
+    see how many steps a worker performs at once and how many it holds claimed."""
+
+    GATE = threading.Event()
+    lock = threading.Lock()
+    performing = 0
+    peak = 0
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.GATE = threading.Event()
+        with cls.lock:
+            cls.performing = cls.peak = 0
+
+    def perform(self, args: dict[str, Any], ctx: StepContext) -> object:
+        cls = type(self)
+        with cls.lock:
+            cls.performing += 1
+            cls.peak = max(cls.peak, cls.performing)
+        _note(ctx)
+        try:
+            deadline = time.monotonic() + 10
+            while not cls.GATE.wait(0.01) and not ctx.cancel_requested():
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the test never opened the gate")
+        finally:
+            with cls.lock:
+                cls.performing -= 1
+        return None
+
+
 class Exits(Worker):
     """Calls sys.exit() from inside the step."""
 

@@ -23,6 +23,8 @@ class EngineOptions:
     #: Run a worker for these queues (empty: no worker in this process).
     queues: tuple[str, ...] = ()
     concurrency: int = 8
+    #: Steps a worker holds at once (None: 4 x concurrency); see `WorkerConfig.in_flight`.
+    in_flight: int | None = None
     #: Modules with the user's Worker classes, imported at start.
     apps: tuple[str, ...] = ()
     consumer: bool = False
@@ -56,6 +58,7 @@ def build_runner(
                 queues=options.queues,
                 name=consumer_name("worker"),
                 concurrency=options.concurrency,
+                in_flight=options.in_flight,
                 lease_seconds=options.lease_seconds,
                 drain_seconds=options.drain_seconds,
                 claim_idle_ms=options.claim_idle_ms,

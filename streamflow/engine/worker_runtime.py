@@ -51,7 +51,13 @@ _TRACEBACK_CHARS = 4000
 class WorkerConfig:
     queues: tuple[str, ...]
     name: str
+    #: Steps performing at once (the user's code running).
     concurrency: int = 8
+    #: Steps held at once: claimed, performing or being recorded (None: 4 x concurrency).
+    #: Above `concurrency`, a step's claim and its outcome's commit overlap other steps'
+    #: work instead of holding a slot; the price is that a claimed step may wait here
+    #: for a slot (its lease renewed) while another worker is idle.
+    in_flight: int | None = None
     #: How long a claim holds before the maintenance loop may rescue the step.
     lease_seconds: float = 30.0
     #: XREADGROUP BLOCK; also how quickly a stop request is noticed.
@@ -66,6 +72,19 @@ class WorkerConfig:
     #: run it next on the same thread (see `WorkerRuntime._record`). Off: every child goes
     #: through its ready stream, strictly in stream order.
     hand_off: bool = True
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
+        if self.in_flight is not None and self.in_flight < self.concurrency:
+            raise ValueError(
+                f"in_flight ({self.in_flight}) must be at least concurrency ({self.concurrency})"
+            )
+
+    @property
+    def held(self) -> int:
+        """How many steps the worker holds at once (`in_flight`, or its default)."""
+        return self.in_flight if self.in_flight is not None else 4 * self.concurrency
 
 
 @dataclass
@@ -118,7 +137,10 @@ class WorkerRuntime:
         self.stats = WorkerStats()
         self._running: dict[tuple[str, str, str], _Running] = {}
         self._lock = threading.Lock()
-        self._slots = threading.Semaphore(config.concurrency)
+        #: One per step held (read, claimed, performing or being recorded).
+        self._slots = threading.Semaphore(config.held)
+        #: One per step performing.
+        self._performing = threading.Semaphore(config.concurrency)
         self._idle = threading.Condition(self._lock)
         self._handlers = 0
         self._drained = threading.Event()
@@ -174,7 +196,7 @@ class WorkerRuntime:
                 self._start_handler(entry)
         self._stopping.set()
         self._drain()
-        for _ in range(cfg.concurrency):
+        for _ in range(cfg.held):
             self._entries.put(None)
         self.outbox.close()
         grouped = self.ledger.stats
@@ -189,7 +211,7 @@ class WorkerRuntime:
     def _drain_free_slots(self) -> int:
         """Take every other free slot too, so one XREADGROUP can fill them all."""
         taken = 0
-        while taken < self.config.concurrency - 1 and self._slots.acquire(blocking=False):
+        while taken < self.config.held - 1 and self._slots.acquire(blocking=False):
             taken += 1
         return taken
 
@@ -235,12 +257,12 @@ class WorkerRuntime:
         )
 
     def _start_step_threads(self) -> None:
-        """`concurrency` threads run the steps, each taking the next ready entry: one per
-        slot, so an entry read for a free slot finds a free thread (starting a thread per
-        entry cost about 0.1 ms of CPU each). Daemon threads: a drain that gives up on a
-        hung `perform` must not keep the process alive; the step's claim is released and
-        it runs elsewhere."""
-        for n in range(self.config.concurrency):
+        """One thread per step held (`in_flight`), each taking the next ready entry, so
+        an entry read for a free slot finds a free thread (starting a thread per entry
+        cost about 0.1 ms of CPU each); `concurrency` of them perform at once. Daemon
+        threads: a drain that gives up on a hung `perform` must not keep the process
+        alive; the step's claim is released and it runs elsewhere."""
+        for n in range(self.config.held):
             threading.Thread(
                 target=self._step_thread, daemon=True, name=f"{self.config.name}-step-{n}"
             ).start()
@@ -380,14 +402,31 @@ class WorkerRuntime:
             handed_off=entry is None,
         )
         try:
-            started = time.perf_counter()
-            status, payload = self._perform(claim, ctx)
-            running.perform_ms = (time.perf_counter() - started) * 1000
+            if not self._wait_for_slot(ctx):
+                # Released on a drain, or its lease was lost, while it waited: it is no
+                # longer ours to run (whoever holds it now will).
+                return None
+            try:
+                started = time.perf_counter()
+                status, payload = self._perform(claim, ctx)
+                running.perform_ms = (time.perf_counter() - started) * 1000
+            finally:
+                self._performing.release()
             return self._record(claim, status, payload, running)
         finally:
             with self._lock:
                 self._running.pop(key, None)
             running.done.set()
+
+    def _wait_for_slot(self, ctx: StepContext) -> bool:
+        """Take a performing slot; False (and no slot) if the step is cancelled first."""
+        while not self._performing.acquire(timeout=0.05):
+            if ctx.cancel_requested():
+                return False
+        if ctx.cancel_requested():
+            self._performing.release()
+            return False
+        return True
 
     def _perform(self, claim: Claim, ctx: StepContext) -> tuple[str, Any]:
         try:

@@ -395,6 +395,22 @@ def test_bad_url_is_a_usage_error(tmp_path: Path) -> None:
     assert_one_line_error(run, code=2, contains="not a usable database URL")
 
 
+@pytest.mark.parametrize("command", ["worker", "run"])
+@pytest.mark.parametrize(
+    ("args", "contains"),
+    [
+        (["--queues", " , "], "--queues needs at least one queue name"),
+        (["--concurrency", "8", "--in-flight", "4"], "must be at least --concurrency"),
+    ],
+)
+def test_bad_engine_options_are_one_line_usage_errors(
+    tmp_path: Path, command: str, args: list[str], contains: str
+) -> None:
+    run = streamflow(tmp_path, command, *args)
+    assert_one_line_error(run, code=2, contains=contains)
+    assert not (tmp_path / "streamflow.db").exists(), "wrote before refusing"
+
+
 def test_unreachable_database_is_one_line(tmp_path: Path) -> None:
     url = "postgresql://nobody:secret@127.0.0.1:1/nothing"
     run = streamflow(tmp_path, "explain", "abc", "step", "--database-url", url)

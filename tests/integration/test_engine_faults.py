@@ -428,8 +428,10 @@ def test_redis_killed_and_restarted_empty_mid_run_loses_nothing(
 ) -> None:
     cluster = make_cluster(redis_server.url)
     cluster.consumer()
-    cluster.worker("w1")
-    cluster.worker("w2")
+    # Each worker holds at most 4 steps, so most of the 30 roots are still unread in the
+    # ready stream when Redis dies (by default a worker reads 4 x concurrency ahead).
+    cluster.worker("w1", "--in-flight", "4")
+    cluster.worker("w2", "--in-flight", "4")
     expected = insert_all(pg_engine, mix(cluster.ctx))
     ids = list(expected)
     total = sum(len(e.states) for e in expected.values())

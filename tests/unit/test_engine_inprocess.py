@@ -453,7 +453,8 @@ def test_the_worker_runs_steps_on_a_fixed_set_of_threads(
     sqlite_engine: Engine, transport: RedisTransport, keys: StreamKeys, perform_log: Path
 ) -> None:
     """A thread per ready entry cost a thread start each (about 0.1 ms of CPU): the
-    worker keeps `concurrency` step threads and hands each entry to a free one."""
+    worker keeps one step thread per step it may hold (`in_flight`) and hands each entry
+    to a free one."""
     ids = [
         Workflow.insert(
             Workflow.new("threads", {"log": str(perform_log)}).add("a", app.CountsItsThread.new()),
@@ -462,13 +463,66 @@ def test_the_worker_runs_steps_on_a_fixed_set_of_threads(
         for _ in range(12)
     ]
     Maintenance(sqlite_engine, transport, keys).tick()
-    worker = worker_for(sqlite_engine, transport, keys, concurrency=3)
+    worker = worker_for(sqlite_engine, transport, keys, concurrency=2, in_flight=3)
     with running(worker.run):
         until(lambda: all(finished(sqlite_engine, wid) for wid in ids), "every workflow")
     notes = app.perform_log(perform_log)
     assert len(notes) == 12
     assert len({n["thread"] for n in notes}) <= 3
     assert max(n["thread_steps"] for n in notes) > 1, "every step ran on a new thread"
+
+
+def gated_workflows(engine: Engine, log: Path, n: int) -> list[str]:
+    app.Gated.reset()
+    return [
+        Workflow.insert(
+            Workflow.new("gated", {"log": str(log)}).add("a", app.Gated.new()), engine
+        ).id
+        for _ in range(n)
+    ]
+
+
+def states(engine: Engine, ids: Sequence[str]) -> Counter[str]:
+    s = t.steps
+    with engine.connect() as conn:
+        rows = conn.execute(select(s.c.state).where(s.c.workflow_id.in_(ids))).all()
+    return Counter(r.state for r in rows)
+
+
+def test_concurrency_bounds_the_steps_performing_while_more_are_claimed_in_flight(
+    sqlite_engine: Engine, transport: RedisTransport, keys: StreamKeys, perform_log: Path
+) -> None:
+    """`concurrency` steps perform at once; up to `in_flight` are claimed, so the ledger's
+    round trips for the next steps overlap the running ones instead of taking slots."""
+    ids = gated_workflows(sqlite_engine, perform_log, 6)
+    Maintenance(sqlite_engine, transport, keys).tick()
+    worker = worker_for(sqlite_engine, transport, keys, concurrency=2, in_flight=5)
+    with running(worker.run):
+        until(lambda: states(sqlite_engine, ids)["executing"] == 5, "five steps claimed")
+        until(lambda: app.Gated.performing == 2, "two steps performing")
+        assert states(sqlite_engine, ids)["executing"] == 5, "a sixth claim beyond in_flight"
+        app.Gated.GATE.set()
+        until(lambda: all(finished(sqlite_engine, wid) for wid in ids), "every workflow")
+    assert app.Gated.peak == 2
+    assert len(app.perform_log(perform_log)) == 6
+
+
+def test_a_claimed_step_still_waiting_for_a_slot_at_the_drain_is_released_not_run(
+    sqlite_engine: Engine, transport: RedisTransport, keys: StreamKeys, perform_log: Path
+) -> None:
+    ids = gated_workflows(sqlite_engine, perform_log, 3)
+    Maintenance(sqlite_engine, transport, keys).tick()
+    worker = worker_for(
+        sqlite_engine, transport, keys, concurrency=1, in_flight=3, drain_seconds=0.2
+    )
+    with running(worker.run):
+        until(lambda: states(sqlite_engine, ids)["executing"] == 3, "three steps claimed")
+        until(lambda: app.Gated.performing == 1, "one step performing")
+    # The drain gave up: every claim is released (the running step was asked to stop).
+    assert worker.stats.released_on_drain == 3
+    until(lambda: not worker._in_flight(), "every step thread done")
+    assert len(app.perform_log(perform_log)) == 1, "a released step ran"
+    assert states(sqlite_engine, ids) == Counter({"available": 3})
 
 
 def test_a_step_that_exits_does_not_take_its_thread_with_it(
@@ -480,7 +534,7 @@ def test_a_step_that_exits_does_not_take_its_thread_with_it(
     Workflow.insert(exits, sqlite_engine)
     wid = Workflow.insert(fine, sqlite_engine).id
     Maintenance(sqlite_engine, transport, keys).tick()
-    worker = worker_for(sqlite_engine, transport, keys, concurrency=1)
+    worker = worker_for(sqlite_engine, transport, keys, concurrency=1, in_flight=1)
     with running(worker.run):
         until(lambda: finished(sqlite_engine, wid), "the second workflow, after the exit")
 
