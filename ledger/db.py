@@ -9,7 +9,7 @@ with its own rows).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from select import select as poll_readable
 from typing import Any
@@ -31,6 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.sql.expression import ReturnsRows
 
 from ledger import direct
 from ledger import tables as t
@@ -180,10 +181,21 @@ def lock_event(conn: Connection, key: str) -> None:
 
 #: `Connection.info` key: rows of workflows a group locked up front, not yet handed out.
 PRELOCKED = "streamflow_prelocked"
+#: `Connection.info` keys: what a group read with its locks, by workflow, not yet handed
+#: out (`workflows_locked`'s `reads`); and what `lock_workflow` handed to the operation
+#: that locked last, until it takes it (`take_read_ahead`).
+READ_AHEAD_BY_WORKFLOW = "streamflow_read_ahead_by_workflow"
+READ_AHEAD = "streamflow_read_ahead"
+
+#: A read to make with a group's locks: the key its taker asks for, the statement and
+#: its parameters.
+ReadAhead = tuple[Hashable, ReturnsRows, dict[str, Any]]
 
 
 @contextmanager
-def workflows_locked(conn: Connection, workflow_ids: Sequence[str]) -> Iterator[None]:
+def workflows_locked(
+    conn: Connection, workflow_ids: Sequence[str], reads: Mapping[str, ReadAhead] | None = None
+) -> Iterator[None]:
     """Lock every workflow of a group of operations with one statement, for the rest of
     the transaction; inside, a workflow's `lock_workflow` is free while its row is known.
 
@@ -197,17 +209,40 @@ def workflows_locked(conn: Connection, workflow_ids: Sequence[str]) -> Iterator[
     operations or more (one lock is one statement either way). A workflow that does not
     exist is simply not locked: its operation's own `lock_workflow` raises as it always
     did.
+
+    `reads`, by workflow: a read of that workflow's first operation, sent with the lock
+    in one round trip (a lone operation too: its lock and its read then cost one). The
+    server runs it after the lock, with a snapshot of its own, so it sees what the
+    operation itself would read first; the operation takes it with `take_read_ahead`.
+    Only the workflow's first operation gets it: later ones must see what it wrote.
     """
-    if conn.dialect.name != "postgresql" or len(workflow_ids) < 2:
+    reads = reads or {}
+    if conn.dialect.name != "postgresql" or (len(workflow_ids) < 2 and not reads):
         yield
         return
-    rows = direct.rows(conn, _LOCK_WORKFLOWS, {"b_ids": sorted(set(workflow_ids))})
-    conn.info[PRELOCKED] = {row["id"]: row for row in rows}
+    lock = (_LOCK_WORKFLOWS, {"b_ids": sorted(set(workflow_ids))})
+    if reads:
+        locked, *read = direct.pipelined(conn, [lock, *((s, p) for _, s, p in reads.values())])
+    else:
+        locked, read = direct.rows(conn, *lock), []
+    conn.info[PRELOCKED] = {row["id"]: row for row in locked}
+    conn.info[READ_AHEAD_BY_WORKFLOW] = {
+        workflow_id: (key, rows)
+        for (workflow_id, (key, _, _)), rows in zip(reads.items(), read, strict=True)
+    }
     try:
         yield
     finally:
         # `info` outlives the transaction (it belongs to the pooled DBAPI connection).
-        conn.info.pop(PRELOCKED, None)
+        for key in (PRELOCKED, READ_AHEAD_BY_WORKFLOW, READ_AHEAD):
+            conn.info.pop(key, None)
+
+
+def take_read_ahead(conn: Connection, key: Hashable) -> list[dict[str, Any]] | None:
+    """The rows read ahead under `key` for the operation that locked its workflow last
+    (see `workflows_locked`), or None: the caller reads for itself. Taken once."""
+    held: tuple[Hashable, list[dict[str, Any]]] | None = conn.info.pop(READ_AHEAD, None)
+    return held[1] if held is not None and held[0] == key else None
 
 
 def hand_on_row(conn: Connection, row: Mapping[Any, Any], *, prefix: str = "") -> None:
@@ -237,6 +272,11 @@ def lock_workflow(conn: Connection, workflow_id: str) -> dict[str, Any]:
     two parents finish at the same moment. On SQLite the whole database is locked by
     the first write, so the lock is a no-op update taken before any read.
     """
+    ahead: dict[str, Any] | None = conn.info.get(READ_AHEAD_BY_WORKFLOW)
+    if ahead is not None:
+        # What the group read for this workflow goes to its first operation, this one,
+        # and to nobody after it; another workflow's unused read is dropped.
+        conn.info[READ_AHEAD] = ahead.pop(workflow_id, None)
     prelocked: dict[str, dict[str, Any]] | None = conn.info.get(PRELOCKED)
     if prelocked:
         # Locked with the rest of its group (`workflows_locked`). Taken once: whoever

@@ -19,7 +19,7 @@ statements must see every one).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -60,25 +60,69 @@ def rows(conn: Connection, statement: ReturnsRows, params: dict[str, Any]) -> li
         executable = cast(Executable, statement)
         return [dict(row) for row in conn.execute(executable, params).mappings()]
     plan = _plan(statement, conn.dialect)
-    values = dict(plan.constants)
-    for name, value in params.items():
-        process = plan.binds.get(name)
-        values[name] = value if process is None else process(value)
-    driver = conn.connection.driver_connection
-    assert isinstance(driver, psycopg.Connection)
-    cursor = driver.cursor()
+    values = _values(plan, params)
+    cursor = _driver(conn).cursor()
     try:
         cursor.execute(plan.sql, values)
-        if plan.names is None:
-            plan.names = _names(plan, cursor)
-        fetched = cursor.fetchall()
+        return _rows(plan, cursor)
     except psycopg.Error as exc:
         raise _as_sqlalchemy(conn, exc, plan.sql, values, cursor) from exc
     finally:
         cursor.close()
-    out = [dict(zip(plan.names, row, strict=True)) for row in fetched]
+
+
+def pipelined(
+    conn: Connection, statements: Sequence[tuple[ReturnsRows, dict[str, Any]]]
+) -> list[list[dict[str, Any]]]:
+    """Execute `statements` in order, as `rows` would one by one, but sent together (a
+    psycopg pipeline: one round trip); each statement's rows. The server still runs them
+    one after the other, each with its own snapshot, so a later one sees what an earlier
+    one wrote or locked. If one fails, those after it do not run and the error is raised
+    as `rows` raises it."""
+    if not _direct(conn):
+        return [rows(conn, statement, params) for statement, params in statements]
+    driver = _driver(conn)
+    sent = []
+    cursor: psycopg.Cursor[Any] | None = None
+    try:
+        with driver.pipeline():
+            for statement, params in statements:
+                plan = _plan(statement, conn.dialect)
+                cursor = driver.cursor()
+                sent.append((plan, cursor))
+                cursor.execute(plan.sql, _values(plan, params))
+        return [_rows(plan, cursor) for plan, cursor in sent]
+    except psycopg.Error as exc:
+        sql = ";\n".join(plan.sql for plan, _ in sent)
+        assert cursor is not None
+        raise _as_sqlalchemy(conn, exc, sql, {}, cursor) from exc
+    finally:
+        for _, sent_cursor in sent:
+            sent_cursor.close()
+
+
+def _driver(conn: Connection) -> psycopg.Connection[Any]:
+    driver = conn.connection.driver_connection
+    assert isinstance(driver, psycopg.Connection)
+    return driver
+
+
+def _values(plan: _Plan, params: dict[str, Any]) -> dict[str, Any]:
+    values = dict(plan.constants)
+    for name, value in params.items():
+        process = plan.binds.get(name)
+        values[name] = value if process is None else process(value)
+    return values
+
+
+def _rows(plan: _Plan, cursor: psycopg.Cursor[Any]) -> list[dict[str, Any]]:
+    """The executed statement's rows as dicts, through the result processors."""
+    if plan.names is None:
+        plan.names = _names(plan, cursor)
+    names = plan.names
+    out = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
     for position, process in plan.results:
-        name = plan.names[position]
+        name = names[position]
         for row in out:
             row[name] = process(row[name])
     return out

@@ -43,9 +43,10 @@ from streamflow.engine.retrying import is_transient, retrying
 
 T = TypeVar("T")
 
-#: Opened in a group's transaction before its operations run, with their order keys (the
-#: worker's locks every workflow of the group in one statement), closed before the commit.
-GroupScope = Callable[[Connection, list[str]], AbstractContextManager[None]]
+#: Opened in a group's transaction before its operations run, with their order keys and
+#: hints in the order they run (the worker's locks every workflow of the group and reads
+#: ahead what their outcomes will read, in one round trip), closed before the commit.
+GroupScope = Callable[[Connection, list[str], list[Any]], AbstractContextManager[None]]
 
 #: At most this many operations share a commit: a bound on how long the group's locks
 #: are held and on how much one failed operation makes the others redo.
@@ -56,6 +57,7 @@ DEFAULT_MAX_GROUP = 64
 class _Request(Generic[T]):
     work: Callable[[Connection], T]
     order_key: str
+    hint: Any = None
     done: bool = False
     result: Any = None
     error: BaseException | None = None
@@ -93,14 +95,15 @@ class GroupCommitter:
         self._leading = False
         self._changed = threading.Condition()
 
-    def run(self, work: Callable[[Connection], T], *, order_key: str) -> T:
+    def run(self, work: Callable[[Connection], T], *, order_key: str, hint: Any = None) -> T:
         """Run `work(conn)` in a ledger transaction shared with other callers; return its
         result once that transaction committed, or raise what `work` raised.
 
         `order_key` is the workflow id `work` locks: operations in one transaction run in
-        its order.
+        its order. `hint` goes to the scope (for the worker: the step whose outcome `work`
+        records, or None).
         """
-        request: _Request[T] = _Request(work, order_key)
+        request: _Request[T] = _Request(work, order_key, hint)
         with self._changed:
             self._queue.append(request)
         while True:
@@ -151,7 +154,8 @@ class GroupCommitter:
         with transaction(self.engine) as conn:
             if self.scope is None:
                 return [member.work(conn) for member in ordered]
-            with self.scope(conn, [member.order_key for member in ordered]):
+            keys = [member.order_key for member in ordered]
+            with self.scope(conn, keys, [member.hint for member in ordered]):
                 return [member.work(conn) for member in ordered]
 
     def _one_by_one(self, ordered: list[_Request[Any]]) -> None:

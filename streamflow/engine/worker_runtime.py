@@ -24,12 +24,11 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 
 from ledger.claims import Claim, ClaimRefused
-from ledger.db import workflows_locked
 from ledger.errors import InvalidCompletionError, LedgerError
 from ledger.jobs import claim_job, complete_job, release_job_claim, renew_job_lease
 from ledger.model import STEP_JOB, CompletionResult, ReadyStep
 from ledger.rules import CompletionStatus
-from ledger.transitions import unmark_dispatched
+from ledger.transitions import outcomes_locked, unmark_dispatched
 from streamflow import telemetry
 from streamflow.engine.common import in_transaction, now_ms, ready_messages, utcnow
 from streamflow.engine.context import Cancel, StepContext
@@ -132,7 +131,7 @@ class WorkerRuntime:
         self.outbox = StreamOutbox(self.publisher)
         # Claims and outcomes of steps running at the same moment share commits, and a
         # group locks all its workflows with one statement.
-        self.ledger = GroupCommitter(engine, scope=workflows_locked)
+        self.ledger = GroupCommitter(engine, scope=outcomes_locked)
         self.streams = keys.ready_streams(list(config.queues))
         self.stats = WorkerStats()
         self._running: dict[tuple[str, str, str], _Running] = {}
@@ -480,9 +479,11 @@ class WorkerRuntime:
             return result, result.hand_off_claim, list(result.ready)
 
         key = claim.workflow_id
+        # The outcome's read goes out with the group's lock (a callback has none).
+        hint = claim.step if claim.job == STEP_JOB else None
         try:
             result, child, ready = self.ledger.run(
-                lambda conn: record(conn, status, payload), order_key=key
+                lambda conn: record(conn, status, payload), order_key=key, hint=hint
             )
         except InvalidCompletionError as exc:
             # The result cannot be stored (not plain JSON): a bug that retrying will not

@@ -80,11 +80,17 @@ def _typed(rows: list[dict[str, Any]]) -> list[dict[str, tuple[type, Any]]]:
     return [{k: (type(v), v, getattr(v, "tzinfo", None)) for k, v in r.items()} for r in rows]
 
 
-def test_each_hot_statement_returns_the_same_rows_both_ways(pg_engine: Engine) -> None:
-    wid = _fan(pg_engine)
-    with transaction(pg_engine) as conn:  # root has a recorded outcome and a result
+def _fan_past_its_root(engine: Engine) -> str:
+    """`_fan`, with root completed: it has an outcome and a result, mail is available."""
+    wid = _fan(engine)
+    with transaction(engine) as conn:
         claim_step(conn, wid, "root", owner="w0", lease_seconds=30, now=NOW)
         complete_step(conn, wid, "root", "completed", {"sent": [1, None, "x"]}, now=NOW)
+    return wid
+
+
+def test_each_hot_statement_returns_the_same_rows_both_ways(pg_engine: Engine) -> None:
+    wid = _fan_past_its_root(pg_engine)
     for statement, params in _hot_reads(wid):
         by_sqlalchemy, by_direct = _both_ways(
             pg_engine, lambda c, s=statement, p=params: direct.rows(c, s, p)
@@ -147,6 +153,44 @@ def test_a_claim_and_an_outcome_with_hand_off_write_the_same_both_ways(
     assert by_direct[2] == by_sqlalchemy[2]
     assert by_direct[:2] == by_sqlalchemy[:2]
     assert by_direct[1].hand_off_claim is not None, "the hand-off path was not exercised"
+
+
+def test_statements_sent_together_return_what_each_returns_alone(pg_engine: Engine) -> None:
+    """`direct.pipelined`: one round trip, each statement's rows as `direct.rows` gives
+    them; a later statement sees what an earlier one wrote (the claim's move)."""
+    wid = _fan_past_its_root(pg_engine)
+    reads = _hot_reads(wid)
+    then = (_STEP_HISTORY_AND_CHILDREN, {"b_wf": wid, "b_step": "mail", "b_parent": "mail"})
+
+    def one_by_one(conn: Connection) -> list[Any]:
+        return [_typed(direct.rows(conn, s, p)) for s, p in [*reads, then]]
+
+    def together(conn: Connection) -> list[Any]:
+        return [_typed(rows) for rows in direct.pipelined(conn, [*reads, then])]
+
+    alone, _ = _both_ways(pg_engine, one_by_one)
+    via_sqlalchemy, sent_together = _both_ways(pg_engine, together)
+    assert sent_together == alone == via_sqlalchemy
+    assert alone[-1][0]["state"][1] == "executing", "the read after the claim saw it"
+
+
+def test_statements_sent_together_run_no_sqlalchemy_execution(
+    pg_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wid = _fan_past_its_root(pg_engine)
+    with transaction(pg_engine) as conn, monkeypatch.context() as patch:
+        patch.setattr(Connection, "execute", lambda *a, **k: pytest.fail("executed by SA"))
+        assert [len(rows) for rows in direct.pipelined(conn, _hot_reads(wid))] == [1, 1, 1, 1, 1]
+
+
+def test_a_refused_statement_among_others_raises_sqlalchemys_error(pg_engine: Engine) -> None:
+    wid = _fan(pg_engine)
+    bad = {"b_wf": wid, "b_step": "root", "b_now": None}  # updated_at is NOT NULL
+    bad |= {"bs_lease_owner": "w1", "bs_lease_expires_at": NOW}
+    with pytest.raises(IntegrityError), transaction(pg_engine) as conn:
+        direct.pipelined(conn, [(_LOCK_WORKFLOW, {"b_id": wid}), (_TAKE_AT_ONCE, bad)])
+    with transaction(pg_engine) as conn:  # the connection went back to the pool usable
+        assert direct.rows(conn, _LOCK_WORKFLOW, {"b_id": wid})[0]["id"] == wid
 
 
 def test_a_statement_the_server_refuses_raises_sqlalchemys_error(pg_engine: Engine) -> None:

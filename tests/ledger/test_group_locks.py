@@ -13,9 +13,9 @@ from sqlalchemy.exc import OperationalError
 
 from ledger import tables as t
 from ledger.claims import Claim, claim_step
-from ledger.db import PRELOCKED, lock_workflow, transaction, workflows_locked
+from ledger.db import PRELOCKED, READ_AHEAD, lock_workflow, transaction, workflows_locked
 from ledger.errors import WorkflowNotFoundError
-from ledger.transitions import complete_step
+from ledger.transitions import complete_step, outcomes_locked
 from streamflow import Workflow
 from tests.workers import Noop
 
@@ -207,3 +207,90 @@ def test_an_outcome_outside_a_group_leaves_nothing_behind(pg_engine: Engine) -> 
         claim_step(conn, wid, "a", owner="w1", lease_seconds=30, now=NOW)
         complete_step(conn, wid, "a", "completed", 1, attempt=1, source="worker", now=NOW)
         assert PRELOCKED not in conn.info
+
+
+# -- outcomes read ahead with the locks ----------------------------------------------------------
+
+
+def _fan_in(engine: Engine) -> str:
+    wf = (
+        Workflow.new("fan-in")
+        .add("p1", Noop.new())
+        .add("p2", Noop.new())
+        .add("join", Noop.new(), deps=["p1", "p2"])
+    )
+    wid = Workflow.insert(wf, engine).id
+    with transaction(engine) as conn:
+        for step in ("p1", "p2"):
+            claim_step(conn, wid, step, owner="w1", lease_seconds=30, now=NOW)
+    return wid
+
+
+def _finish(conn: Connection, wid: str, step: str) -> object:
+    return complete_step(
+        conn, wid, step, "completed", 1, attempt=1, source="worker", now=NOW, dispatch=True
+    )
+
+
+def test_each_workflows_first_outcome_is_read_with_the_groups_locks(pg_engine: Engine) -> None:
+    """The outcome's read (the step, its history, its children) goes out with the group's
+    lock, so each outcome sends only its write."""
+    ids = _insert(pg_engine, 3)
+    with transaction(pg_engine) as conn:
+        for wid in ids:
+            claim_step(conn, wid, "a", owner="w1", lease_seconds=30, now=NOW)
+    with transaction(pg_engine) as conn:
+        sent = _listen(conn)
+        with outcomes_locked(conn, ids, ["a", "a", "a"]):
+            read_ahead = set(sent[1:])
+            assert len(sent) == 4 and len(read_ahead) == 1, "one lock, three reads"
+            done = [_finish(conn, wid, "a") for wid in ids]
+            assert not read_ahead & set(sent[4:]), "an outcome read its step again"
+            assert len(sent) == 7
+    assert all(d.applied and d.status == "completed" for d in done)  # type: ignore[attr-defined]
+    with pg_engine.connect() as conn:
+        assert all(_fresh(conn, wid)["state"] == "finished" for wid in ids)
+
+
+def test_a_second_outcome_of_a_workflow_reads_what_the_first_wrote(pg_engine: Engine) -> None:
+    """Both parents of a fan-in finish in one group: read ahead, the second would still
+    see the first executing and the join would wait forever. Only a workflow's first
+    operation gets what was read ahead."""
+    wid = _fan_in(pg_engine)
+    with transaction(pg_engine) as conn, outcomes_locked(conn, [wid, wid], ["p1", "p2"]):
+        first = _finish(conn, wid, "p1")
+        second = _finish(conn, wid, "p2")
+    assert first.released == ()  # type: ignore[attr-defined]
+    assert [r.step for r in second.ready] == ["join"]  # type: ignore[attr-defined]
+
+
+def test_what_was_read_ahead_goes_only_to_its_own_operation(pg_engine: Engine) -> None:
+    """Read ahead for p1, but the workflow's first operation is another one (p2's
+    outcome): p1's outcome, after it, must read afresh."""
+    wid = _fan_in(pg_engine)
+    with transaction(pg_engine) as conn, outcomes_locked(conn, [wid], ["p1"]):
+        assert _finish(conn, wid, "p2").released == ()  # type: ignore[attr-defined]
+        released = _finish(conn, wid, "p1")
+        assert [r.step for r in released.ready] == ["join"]  # type: ignore[attr-defined]
+
+
+def test_a_lone_outcome_is_read_with_its_lock(pg_engine: Engine) -> None:
+    ids = _insert(pg_engine, 1)
+    with transaction(pg_engine) as conn:
+        claim_step(conn, ids[0], "a", owner="w1", lease_seconds=30, now=NOW)
+    with transaction(pg_engine) as conn:
+        sent = _listen(conn)
+        with outcomes_locked(conn, ids, ["a"]):
+            assert len(sent) == 2
+            assert _finish(conn, ids[0], "a").applied  # type: ignore[attr-defined]
+            assert len(sent) == 3, "\n".join(sent)
+
+
+def test_nothing_read_ahead_is_left_on_the_connection(pg_engine: Engine) -> None:
+    ids = _insert(pg_engine, 2)
+    with transaction(pg_engine) as conn:
+        with outcomes_locked(conn, ids, ["a", None]):
+            lock_workflow(conn, ids[0])  # given the read, never used
+            lock_workflow(conn, ids[1])
+            assert conn.info.get(READ_AHEAD) is None, "another workflow's read lingers"
+        assert READ_AHEAD not in conn.info

@@ -80,7 +80,7 @@ def _run_all(
 
     def call(key: str) -> None:
         try:
-            answers[key] = gc.run(works[key], order_key=key)
+            answers[key] = gc.run(works[key], order_key=key, hint=f"hint-{key}")
         except Exception as exc:
             answers[key] = exc
 
@@ -204,24 +204,27 @@ def test_a_leader_whose_operation_is_not_in_the_first_group_leads_until_it_is_do
 
 
 def test_a_group_opens_its_scope_inside_its_transaction_with_its_keys(db: Engine) -> None:
-    """The worker's scope locks the group's workflows at once (`ledger.db.workflows_locked`):
-    it must see every key of the group, in the group's transaction, around the work."""
-    seen: list[tuple[list[str], list[str]]] = []
+    """The worker's scope locks the group's workflows at once (`ledger.db.workflows_locked`)
+    and reads ahead what their operations will read: it must see every key and every hint
+    of the group, in the group's order, in the group's transaction, around the work."""
+    seen: list[tuple[list[str], list[Any], list[str]]] = []
     log: list[str] = []
 
     @contextmanager
-    def scope(conn: Connection, keys: list[str]) -> Iterator[None]:
+    def scope(conn: Connection, keys: list[str], hints: list[Any]) -> Iterator[None]:
         conn.execute(rows.insert().values(who="scope"))
         log.append("open")
         yield
         log.append("close")
-        seen.append((keys, list(log)))
+        seen.append((keys, hints, list(log)))
 
     gc = GroupCommitter(db, scope=scope)
     keys = ["wf-c", "wf-a", "wf-b"]
     _as_one_group(gc, db, {k: _insert(k, log) for k in keys})
     ordered = sorted(keys)
-    assert seen[-1] == (ordered, ["open", "close", "open", *ordered, "close"])
+    hints = [f"hint-{k}" for k in ordered]
+    assert seen[-1] == (ordered, hints, ["open", "close", "open", *ordered, "close"])
+    assert seen[0][:2] == (["0"], [None]), "the leader's operation had no hint"
     # The scope's write committed with the group: it ran in the same transaction.
     assert _stored(db).count("scope") == 2
 
@@ -230,7 +233,7 @@ def test_operations_split_after_a_failure_run_without_the_scope(db: Engine) -> N
     opened: list[list[str]] = []
 
     @contextmanager
-    def scope(conn: Connection, keys: list[str]) -> Iterator[None]:
+    def scope(conn: Connection, keys: list[str], hints: list[Any]) -> Iterator[None]:
         opened.append(keys)
         yield
 
