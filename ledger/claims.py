@@ -18,7 +18,7 @@ from ledger import direct
 from ledger import tables as t
 from ledger.changes import Changes
 from ledger.children import parent_results_json
-from ledger.db import forget_row, hand_on_row, lock_workflow
+from ledger.db import ReadAhead, forget_row, hand_on_row, lock_workflow, take_read_ahead
 from ledger.evidence import record_evidence
 from ledger.model import Claim as Claim
 from ledger.placeholders import resolved_args
@@ -269,6 +269,23 @@ _TAKE_AT_ONCE = (
 )
 
 
+def claim_read_ahead(
+    workflow_id: str, step: str, owner: str, lease_seconds: float, now: datetime
+) -> ReadAhead:
+    """A claim's first statement (the one-statement take) for a group's scope to send
+    with the lock (`ledger.db.locked_with_reads`); PostgreSQL. The claim must then be
+    made with the same owner, lease and `now`."""
+    params = {
+        "b_wf": workflow_id,
+        "b_step": step,
+        "b_now": now,
+        "bs_lease_owner": owner,
+        "bs_lease_expires_at": now + timedelta(seconds=lease_seconds),
+    }
+    key = ("claim", workflow_id, step, owner, lease_seconds, now)
+    return key, _TAKE_AT_ONCE, params
+
+
 def _take_at_once(
     conn: Connection,
     workflow_id: str,
@@ -281,16 +298,13 @@ def _take_at_once(
     available and dispatched); None if the step was not available (the caller then
     takes the general path, which records why)."""
     expires = now + timedelta(seconds=lease_seconds)
-    params = {
-        "b_wf": workflow_id,
-        "b_step": step,
-        "b_now": now,
-        "bs_lease_owner": owner,
-        "bs_lease_expires_at": expires,
-    }
-    row = direct.first(conn, _TAKE_AT_ONCE, params)
-    if row is None:
+    key, statement, params = claim_read_ahead(workflow_id, step, owner, lease_seconds, now)
+    taken = take_read_ahead(conn, key)
+    if taken is None:
+        taken = direct.rows(conn, statement, params)
+    if not taken:
         return None
+    row = taken[0]
     hand_on_row(conn, row, prefix="w_")
     results: dict[str, Any] = row["parent_results"] or {}
     claim = _claim_from(

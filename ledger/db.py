@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Hashable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from select import select as poll_readable
 from typing import Any
 
@@ -236,6 +236,22 @@ def workflows_locked(
         # `info` outlives the transaction (it belongs to the pooled DBAPI connection).
         for key in (PRELOCKED, READ_AHEAD_BY_WORKFLOW, READ_AHEAD):
             conn.info.pop(key, None)
+
+
+def locked_with_reads(
+    conn: Connection, workflow_ids: Sequence[str], reads: Sequence[ReadAhead | None]
+) -> AbstractContextManager[None]:
+    """`workflows_locked` for a group of operations (`workflow_ids` in the order they
+    run), with the first statement of each workflow's first operation sent with the
+    locks where that operation names one in `reads` (else None): one round trip for the
+    group's lock and those statements together. The worker's group scope."""
+    ahead: dict[str, ReadAhead] = {}
+    seen: set[str] = set()
+    for workflow_id, read in zip(workflow_ids, reads, strict=True):
+        if workflow_id not in seen and read is not None:
+            ahead[workflow_id] = read
+        seen.add(workflow_id)
+    return workflows_locked(conn, workflow_ids, ahead)
 
 
 def take_read_ahead(conn: Connection, key: Hashable) -> list[dict[str, Any]] | None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Collection, Iterable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Collection, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,13 +15,7 @@ from ledger import tables as t
 from ledger.callbacks import enqueue_callback
 from ledger.changes import Changes, workflow_update
 from ledger.children import CHILDREN_JSON, Child, children_with_deps, group_children
-from ledger.db import (
-    ReadAhead,
-    lock_workflow,
-    notify_dispatcher,
-    take_read_ahead,
-    workflows_locked,
-)
+from ledger.db import ReadAhead, lock_workflow, notify_dispatcher, take_read_ahead
 from ledger.errors import InvalidCompletionError
 from ledger.evidence import record_evidence
 from ledger.jsonsafe import json_problems
@@ -456,24 +449,11 @@ _OUTCOME = _SET_STEP_IF.add_cte(OUTCOME_ATTEMPT)
 _OUTCOME_WITH_RESULT = _SET_STEP_IF.add_cte(OUTCOME_ATTEMPT, OUTCOME_RESULT)
 
 
-def outcomes_locked(
-    conn: Connection, workflow_ids: Sequence[str], steps: Sequence[str | None]
-) -> AbstractContextManager[None]:
-    """`workflows_locked` for a group of operations (`workflow_ids` in the order they
-    run), with the outcome's read of each workflow's first operation sent with the
-    locks when that operation is an outcome (its step in `steps`, else None): one round
-    trip for the group's lock and those reads together. The worker's group scope."""
-    reads: dict[str, ReadAhead] = {}
-    seen: set[str] = set()
-    for workflow_id, step in zip(workflow_ids, steps, strict=True):
-        if workflow_id in seen:
-            continue
-        seen.add(workflow_id)
-        if step is not None and conn.dialect.name == "postgresql":
-            params = {"b_wf": workflow_id, "b_step": step, "b_parent": step}
-            key = _outcome_read_key(workflow_id, step)
-            reads[workflow_id] = (key, _STEP_HISTORY_AND_CHILDREN, params)
-    return workflows_locked(conn, workflow_ids, reads)
+def outcome_read_ahead(workflow_id: str, step: str) -> ReadAhead:
+    """The outcome's first read (the step, its history, its children) for a group's
+    scope to send with the lock (`ledger.db.locked_with_reads`); PostgreSQL."""
+    params = {"b_wf": workflow_id, "b_step": step, "b_parent": step}
+    return (_outcome_read_key(workflow_id, step), _STEP_HISTORY_AND_CHILDREN, params)
 
 
 def _outcome_read_key(workflow_id: str, step: str) -> tuple[str, str, str]:

@@ -100,8 +100,8 @@ class GroupCommitter:
         result once that transaction committed, or raise what `work` raised.
 
         `order_key` is the workflow id `work` locks: operations in one transaction run in
-        its order. `hint` goes to the scope (for the worker: the step whose outcome `work`
-        records, or None).
+        its order. `hint` goes to the scope (for the worker: the statement `work` starts
+        with, to send with the group's lock; see `ledger.db.locked_with_reads`).
         """
         request: _Request[T] = _Request(work, order_key, hint)
         with self._changed:

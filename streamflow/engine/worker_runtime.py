@@ -23,12 +23,13 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
-from ledger.claims import Claim, ClaimRefused
+from ledger.claims import Claim, ClaimRefused, claim_read_ahead
+from ledger.db import locked_with_reads
 from ledger.errors import InvalidCompletionError, LedgerError
 from ledger.jobs import claim_job, complete_job, release_job_claim, renew_job_lease
 from ledger.model import STEP_JOB, CompletionResult, ReadyStep
 from ledger.rules import CompletionStatus
-from ledger.transitions import outcomes_locked, unmark_dispatched
+from ledger.transitions import outcome_read_ahead, unmark_dispatched
 from streamflow import telemetry
 from streamflow.engine.common import in_transaction, now_ms, ready_messages, utcnow
 from streamflow.engine.context import Cancel, StepContext
@@ -131,7 +132,7 @@ class WorkerRuntime:
         self.outbox = StreamOutbox(self.publisher)
         # Claims and outcomes of steps running at the same moment share commits, and a
         # group locks all its workflows with one statement.
-        self.ledger = GroupCommitter(engine, scope=outcomes_locked)
+        self.ledger = GroupCommitter(engine, scope=locked_with_reads)
         self.streams = keys.ready_streams(list(config.queues))
         self.stats = WorkerStats()
         self._running: dict[tuple[str, str, str], _Running] = {}
@@ -305,6 +306,13 @@ class WorkerRuntime:
             self._dead_letter(entry, exc.problem, 1)
             return
         cfg = self.config
+        now = utcnow()
+        # A step's claim goes out with the group's lock (made with this very `now`).
+        hint = (
+            claim_read_ahead(msg.workflow_id, msg.step, cfg.name, cfg.lease_seconds, now)
+            if msg.job == STEP_JOB
+            else None
+        )
         try:
             claim = self.ledger.run(
                 lambda conn: claim_job(
@@ -314,10 +322,11 @@ class WorkerRuntime:
                     msg.step,
                     owner=cfg.name,
                     lease_seconds=cfg.lease_seconds,
-                    now=utcnow(),
+                    now=now,
                     message_at=datetime.fromtimestamp(msg.at_ms / 1000, UTC),
                 ),
                 order_key=msg.workflow_id,
+                hint=hint,
             )
         except LedgerError as exc:
             self._ack(entry)
@@ -479,8 +488,8 @@ class WorkerRuntime:
             return result, result.hand_off_claim, list(result.ready)
 
         key = claim.workflow_id
-        # The outcome's read goes out with the group's lock (a callback has none).
-        hint = claim.step if claim.job == STEP_JOB else None
+        # The outcome's read goes out with the group's lock (a callback's differs).
+        hint = outcome_read_ahead(key, claim.step) if claim.job == STEP_JOB else None
         try:
             result, child, ready = self.ledger.run(
                 lambda conn: record(conn, status, payload), order_key=key, hint=hint

@@ -4,6 +4,7 @@ locks every workflow its operations touch at once, and an operation's own
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 
 import pytest
@@ -12,10 +13,17 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.exc import OperationalError
 
 from ledger import tables as t
-from ledger.claims import Claim, claim_step
-from ledger.db import PRELOCKED, READ_AHEAD, lock_workflow, transaction, workflows_locked
+from ledger.claims import Claim, ClaimRefused, claim_read_ahead, claim_step
+from ledger.db import (
+    PRELOCKED,
+    READ_AHEAD,
+    lock_workflow,
+    locked_with_reads,
+    transaction,
+    workflows_locked,
+)
 from ledger.errors import WorkflowNotFoundError
-from ledger.transitions import complete_step, outcomes_locked
+from ledger.transitions import complete_step, outcome_read_ahead
 from streamflow import Workflow
 from tests.workers import Noop
 
@@ -226,6 +234,16 @@ def _fan_in(engine: Engine) -> str:
     return wid
 
 
+def outcomes_locked(
+    conn: Connection, ids: list[str], steps: list[str | None]
+) -> AbstractContextManager[None]:
+    """The worker's group scope for outcomes of these steps (None: another operation)."""
+    reads = [
+        None if s is None else outcome_read_ahead(w, s) for w, s in zip(ids, steps, strict=True)
+    ]
+    return locked_with_reads(conn, ids, reads)
+
+
 def _finish(conn: Connection, wid: str, step: str) -> object:
     return complete_step(
         conn, wid, step, "completed", 1, attempt=1, source="worker", now=NOW, dispatch=True
@@ -294,3 +312,52 @@ def test_nothing_read_ahead_is_left_on_the_connection(pg_engine: Engine) -> None
             lock_workflow(conn, ids[1])
             assert conn.info.get(READ_AHEAD) is None, "another workflow's read lingers"
         assert READ_AHEAD not in conn.info
+
+
+def _claims_locked(conn: Connection, ids: list[str], step: str) -> AbstractContextManager[None]:
+    reads = [claim_read_ahead(w, step, "w1", 30, NOW) for w in ids]
+    return locked_with_reads(conn, ids, list(reads))
+
+
+def test_each_workflows_first_claim_is_made_with_the_groups_locks(pg_engine: Engine) -> None:
+    ids = _insert(pg_engine, 2)
+    with transaction(pg_engine) as conn:
+        sent = _listen(conn)
+        with _claims_locked(conn, ids, "a"):
+            assert len(sent) == 3, "one lock, two takes"
+            claims = [
+                claim_step(conn, wid, "a", owner="w1", lease_seconds=30, now=NOW) for wid in ids
+            ]
+            assert len(sent) == 3, "a claim took its step again"
+            assert all(lock_workflow(conn, wid) == _fresh(conn, wid) for wid in ids)
+    assert [(c.step, c.attempt) for c in claims if isinstance(c, Claim)] == [("a", 1)] * 2
+
+
+def test_a_claim_made_ahead_that_finds_its_step_taken_is_refused_and_recorded(
+    pg_engine: Engine,
+) -> None:
+    wid = _insert(pg_engine, 1)[0]
+    with transaction(pg_engine) as conn:
+        claim_step(conn, wid, "a", owner="w0", lease_seconds=30, now=NOW)
+    with transaction(pg_engine) as conn, _claims_locked(conn, [wid], "a"):
+        refused = claim_step(conn, wid, "a", owner="w1", lease_seconds=30, now=NOW)
+    assert isinstance(refused, ClaimRefused) and refused.verdict.value == "duplicate"
+    with pg_engine.connect() as conn:
+        kinds = conn.execute(
+            text("SELECT classification FROM streamflow_evidence WHERE workflow_id = :w"),
+            {"w": wid},
+        ).scalars()
+        assert list(kinds) == ["duplicate"]
+
+
+def test_a_claim_with_another_now_than_its_read_ahead_takes_its_step_itself(
+    pg_engine: Engine,
+) -> None:
+    """What was sent ahead is keyed by every parameter: a claim made differently does
+    not take a claim it did not ask for (here the step is already taken by the ahead
+    one, so the claim is refused: the mismatch is visible, never silent)."""
+    wid = _insert(pg_engine, 1)[0]
+    later = NOW.replace(minute=1)
+    with transaction(pg_engine) as conn, _claims_locked(conn, [wid], "a"):
+        refused = claim_step(conn, wid, "a", owner="w1", lease_seconds=30, now=later)
+    assert isinstance(refused, ClaimRefused)
