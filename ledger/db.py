@@ -211,13 +211,15 @@ def workflows_locked(
     did.
 
     `reads`, by workflow: a read of that workflow's first operation, sent with the lock
-    in one round trip (a lone operation too: its lock and its read then cost one). The
-    server runs it after the lock, with a snapshot of its own, so it sees what the
-    operation itself would read first; the operation takes it with `take_read_ahead`.
-    Only the workflow's first operation gets it: later ones must see what it wrote.
+    in one round trip. The server runs it after the lock, with a snapshot of its own, so
+    it sees what the operation itself would read first; the operation takes it with
+    `take_read_ahead`. Only the workflow's first operation gets it: later ones must see
+    what it wrote. Not for a lone operation: measured at a moderate load (W4 at 120
+    workflows/s), a pipeline of its lock and read took longer than sending the two
+    (from a step's end to its outcome's timestamp: 0.07 -> 1.1 ms at the median).
     """
     reads = reads or {}
-    if conn.dialect.name != "postgresql" or (len(workflow_ids) < 2 and not reads):
+    if conn.dialect.name != "postgresql" or len(workflow_ids) < 2:
         yield
         return
     lock = (_LOCK_WORKFLOWS, {"b_ids": sorted(set(workflow_ids))})

@@ -17,6 +17,7 @@ from ledger.claims import Claim, ClaimRefused, claim_read_ahead, claim_step
 from ledger.db import (
     PRELOCKED,
     READ_AHEAD,
+    READ_AHEAD_BY_WORKFLOW,
     lock_workflow,
     locked_with_reads,
     transaction,
@@ -286,20 +287,22 @@ def test_what_was_read_ahead_goes_only_to_its_own_operation(pg_engine: Engine) -
     """Read ahead for p1, but the workflow's first operation is another one (p2's
     outcome): p1's outcome, after it, must read afresh."""
     wid = _fan_in(pg_engine)
-    with transaction(pg_engine) as conn, outcomes_locked(conn, [wid], ["p1"]):
+    with transaction(pg_engine) as conn, outcomes_locked(conn, [wid, wid], ["p1", None]):
         assert _finish(conn, wid, "p2").released == ()  # type: ignore[attr-defined]
         released = _finish(conn, wid, "p1")
         assert [r.step for r in released.ready] == ["join"]  # type: ignore[attr-defined]
 
 
-def test_a_lone_outcome_is_read_with_its_lock(pg_engine: Engine) -> None:
+def test_a_lone_outcome_sends_its_own_lock_and_read(pg_engine: Engine) -> None:
+    """One operation: nothing goes out up front (a pipeline of two statements measured
+    slower than the two), and its outcome is made as outside any group."""
     ids = _insert(pg_engine, 1)
     with transaction(pg_engine) as conn:
         claim_step(conn, ids[0], "a", owner="w1", lease_seconds=30, now=NOW)
     with transaction(pg_engine) as conn:
         sent = _listen(conn)
         with outcomes_locked(conn, ids, ["a"]):
-            assert len(sent) == 2
+            assert sent == [] and READ_AHEAD_BY_WORKFLOW not in conn.info
             assert _finish(conn, ids[0], "a").applied  # type: ignore[attr-defined]
             assert len(sent) == 3, "\n".join(sent)
 
@@ -336,10 +339,10 @@ def test_each_workflows_first_claim_is_made_with_the_groups_locks(pg_engine: Eng
 def test_a_claim_made_ahead_that_finds_its_step_taken_is_refused_and_recorded(
     pg_engine: Engine,
 ) -> None:
-    wid = _insert(pg_engine, 1)[0]
+    wid, other = _insert(pg_engine, 2)
     with transaction(pg_engine) as conn:
         claim_step(conn, wid, "a", owner="w0", lease_seconds=30, now=NOW)
-    with transaction(pg_engine) as conn, _claims_locked(conn, [wid], "a"):
+    with transaction(pg_engine) as conn, _claims_locked(conn, [wid, other], "a"):
         refused = claim_step(conn, wid, "a", owner="w1", lease_seconds=30, now=NOW)
     assert isinstance(refused, ClaimRefused) and refused.verdict.value == "duplicate"
     with pg_engine.connect() as conn:
@@ -356,8 +359,8 @@ def test_a_claim_with_another_now_than_its_read_ahead_takes_its_step_itself(
     """What was sent ahead is keyed by every parameter: a claim made differently does
     not take a claim it did not ask for (here the step is already taken by the ahead
     one, so the claim is refused: the mismatch is visible, never silent)."""
-    wid = _insert(pg_engine, 1)[0]
+    wid, other = _insert(pg_engine, 2)
     later = NOW.replace(minute=1)
-    with transaction(pg_engine) as conn, _claims_locked(conn, [wid], "a"):
+    with transaction(pg_engine) as conn, _claims_locked(conn, [wid, other], "a"):
         refused = claim_step(conn, wid, "a", owner="w1", lease_seconds=30, now=later)
     assert isinstance(refused, ClaimRefused)
