@@ -47,9 +47,9 @@ NOTES = [
     "no coordinated omission). Finish is the workflow's `finished_at` in the ledger for "
     "Streamflow (the recording transaction, just before its commit) and the last step "
     "body's end for the peers (before they record it) — a small edge to the peers.",
-    "- **hop**: per DAG edge, child step body start - parent finish. Streamflow: the parent's "
-    "`finished_at` in the ledger (set in the transaction that records it, just before "
-    "commit). Peers: the parent's body end, as they record nothing earlier we can read.",
+    "- **hop**: per DAG edge, child step body start - parent step body end, for every "
+    "system (the same clock, the same timing file): everything the engine does between "
+    "two steps, recording the parent included.",
     "- **PG commits/step**: `pg_stat_database.xact_commit` delta of the system's own "
     "scratch database ÷ steps, read after its processes exited (backends flush on exit). "
     "It includes submitting the workflows (Streamflow: one insert transaction per "

@@ -153,9 +153,6 @@ class StreamflowSystem(System):
                 wfs = conn.execute(
                     text("SELECT id, finished_at, outcome FROM streamflow_workflows")
                 ).all()
-                steps = conn.execute(
-                    text("SELECT workflow_id, name, finished_at FROM streamflow_steps")
-                ).all()
                 last = conn.execute(
                     text("SELECT workflow_id, payload FROM streamflow_results WHERE step = :s"),
                     {"s": workload.last_step},
@@ -173,12 +170,14 @@ class StreamflowSystem(System):
             (finished[i] - (self.t_start + arrivals[i])) * 1000 for i in sorted(finished)
         ]
         outcome.last_finish = max(finished.values())
-        committed = {(self.ids[w], name): _epoch(at) for w, name, at in steps if at is not None}
+        # As for the peers: from the parent's body end, so the hop holds everything the
+        # engine does between two steps (recording the parent included), whatever point
+        # of that work the ledger's timestamps mark.
         timings = read_timings(timing_file)
-        for i, by_step in timings.items():
+        for by_step in timings.values():
             for parent, child in workload.edges():
-                if child in by_step and (i, parent) in committed:
-                    outcome.hops_ms.append((by_step[child][0] - committed[(i, parent)]) * 1000)
+                if child in by_step and parent in by_step:
+                    outcome.hops_ms.append((by_step[child][0] - by_step[parent][1]) * 1000)
         values = {self.ids[w]: payload for w, payload in last}
         outcome.wrong_results += sum(
             1 for i in range(workload.workflows) if values.get(i) != workload.expected_result(i)
