@@ -93,8 +93,8 @@ def pipelined(
                 cursor.execute(plan.sql, _values(plan, params))
         return [_rows(plan, cursor) for plan, cursor in sent]
     except psycopg.Error as exc:
+        # Which statement failed the pipeline does not say: all of them are named.
         sql = ";\n".join(plan.sql for plan, _ in sent)
-        assert cursor is not None
         raise _as_sqlalchemy(conn, exc, sql, {}, cursor) from exc
     finally:
         for _, sent_cursor in sent:
@@ -194,7 +194,7 @@ def _as_sqlalchemy(
     exc: psycopg.Error,
     sql: str,
     values: dict[str, Any],
-    cursor: psycopg.Cursor[Any],
+    cursor: psycopg.Cursor[Any] | None,
 ) -> BaseException:
     """psycopg's error as SQLAlchemy's path would raise it; a lost connection is
     invalidated first, so the pool does not hand it out again."""

@@ -222,6 +222,23 @@ def test_a_lost_connection_is_invalidated_and_transient(pg_engine: Engine) -> No
         assert conn.execute(text("SELECT 1")).scalar_one() == 1
 
 
+def test_a_connection_lost_under_a_pipeline_is_invalidated_and_transient(
+    pg_engine: Engine,
+) -> None:
+    wid = _fan(pg_engine)
+    lock = (_LOCK_WORKFLOW, {"b_id": wid})
+    with pg_engine.connect() as conn:
+        conn.begin()
+        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with pg_engine.connect() as admin:
+            admin.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        with pytest.raises(OperationalError) as raised:
+            direct.pipelined(conn, [lock, lock])
+        assert raised.value.connection_invalidated and is_transient(raised.value)
+    with transaction(pg_engine) as conn:
+        assert direct.pipelined(conn, [lock])[0][0]["id"] == wid
+
+
 def test_sqlite_takes_sqlalchemys_path(sqlite_engine: Engine) -> None:
     wid = _fan(sqlite_engine)
     with transaction(sqlite_engine) as conn:
