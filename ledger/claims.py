@@ -297,8 +297,8 @@ def _take_at_once(
     """The claim in one statement, with the step's latest offers (when it was made
     available and dispatched); None if the step was not available (the caller then
     takes the general path, which records why)."""
-    expires = now + timedelta(seconds=lease_seconds)
     key, statement, params = claim_read_ahead(workflow_id, step, owner, lease_seconds, now)
+    expires: datetime = params["bs_lease_expires_at"]
     taken = take_read_ahead(conn, key)
     if taken is None:
         taken = direct.rows(conn, statement, params)

@@ -206,25 +206,8 @@ def test_a_statement_the_server_refuses_raises_sqlalchemys_error(pg_engine: Engi
         direct.rows(conn, _TAKE_AT_ONCE, params)
 
 
-def test_a_lost_connection_is_invalidated_and_transient(pg_engine: Engine) -> None:
-    wid = _fan(pg_engine)
-    with pg_engine.connect() as conn:
-        conn.begin()
-        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
-        with pg_engine.connect() as admin:
-            admin.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
-        with pytest.raises(OperationalError) as raised:
-            direct.rows(conn, _LOCK_WORKFLOW, {"b_id": wid})
-        assert raised.value.connection_invalidated
-        assert is_transient(raised.value)
-        assert conn.invalidated
-    with pg_engine.connect() as conn:  # the pool hands out a working connection
-        assert conn.execute(text("SELECT 1")).scalar_one() == 1
-
-
-def test_a_connection_lost_under_a_pipeline_is_invalidated_and_transient(
-    pg_engine: Engine,
-) -> None:
+@pytest.mark.parametrize("together", [False, True], ids=["alone", "pipelined"])
+def test_a_lost_connection_is_invalidated_and_transient(pg_engine: Engine, together: bool) -> None:
     wid = _fan(pg_engine)
     lock = (_LOCK_WORKFLOW, {"b_id": wid})
     with pg_engine.connect() as conn:
@@ -233,8 +216,15 @@ def test_a_connection_lost_under_a_pipeline_is_invalidated_and_transient(
         with pg_engine.connect() as admin:
             admin.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
         with pytest.raises(OperationalError) as raised:
-            direct.pipelined(conn, [lock, lock])
-        assert raised.value.connection_invalidated and is_transient(raised.value)
+            if together:
+                direct.pipelined(conn, [lock, lock])
+            else:
+                direct.rows(conn, *lock)
+        assert raised.value.connection_invalidated
+        assert is_transient(raised.value)
+        assert conn.invalidated
+    with pg_engine.connect() as conn:  # the pool hands out a working connection
+        assert conn.execute(text("SELECT 1")).scalar_one() == 1
     with transaction(pg_engine) as conn:
         assert direct.pipelined(conn, [lock])[0][0]["id"] == wid
 
