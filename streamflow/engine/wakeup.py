@@ -24,9 +24,9 @@ from streamflow.logs import log_event
 _RECONNECT_SECONDS = 5.0
 #: How often a long wait looks at the stop request.
 _STOP_CHECK_SECONDS = 0.5
-#: How long a drain waits for one more notification: what arrived is already in the
-#: socket, so a drain costs next to nothing when there is none. (A timeout of 0 would
-#: mean "none" to older psycopg versions.)
+#: How long a drain waits for one more notification once its round trip has brought in
+#: every one already committed, so a drain costs next to nothing when there is none. (A
+#: timeout of 0 would mean "none" to older psycopg versions.)
 _DRAIN_POLL_SECONDS = 0.0001
 
 
@@ -68,12 +68,17 @@ class DispatchWakeup:
         return False
 
     def drain(self) -> None:
-        """Take every notification already received, just before a pass: that pass serves
-        the commits that sent them, so they must not wake the next wait."""
+        """Take every notification whose commit came before this call, just before a
+        pass: that pass serves those commits, so they must not wake the next wait."""
         conn = self._conn
         if conn is None:
             return
         try:
+            # A commit's notification reaches this socket when the listening server
+            # process gets round to it, which can lag the commit under load. A round trip
+            # makes it send every pending one before its answer, and psycopg takes them in
+            # with that answer; without it, a late one would wake an extra pass.
+            conn.execute("SELECT 1")
             while self._notified(conn, _DRAIN_POLL_SECONDS):
                 pass
         except psycopg.Error as exc:
