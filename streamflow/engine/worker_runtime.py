@@ -630,8 +630,12 @@ class WorkerRuntime:
                     break
                 self._idle.wait(left)
             leftovers = list(self._running.values())
+        # Every step is told first, before any claim's release (a ledger write) is
+        # waited on: a performing step that stops frees its slot, and a step still
+        # waiting for that slot must find itself cancelled when it gets it, not run.
         for r in leftovers:
             r.context._cancel.set()
+        for r in leftovers:
             c = r.claim
             released = self._release(c)
             if released:
