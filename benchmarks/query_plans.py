@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
@@ -366,13 +367,21 @@ def _index_of(node: dict[str, Any]) -> str | None:
     return node.get("Index Name")
 
 
-def explain_all(engine: Engine, captured: list[Captured]) -> list[Planned]:
-    """EXPLAIN (not ANALYZE: nothing runs) each statement with its recorded parameters."""
+def explain_all(
+    engine: Engine, captured: list[Captured], *, generic: bool = False
+) -> list[Planned]:
+    """EXPLAIN (not ANALYZE: nothing runs) each statement with its recorded parameters.
+
+    `generic`: the plan PostgreSQL runs once the statement is prepared and its plan
+    cached, which psycopg does from a connection's fifth execution of the same text and
+    the server then keeps whenever it looks no dearer. That plan cannot know a
+    parameter's value, so a partial index (`WHERE state = 'available'`) serves it only
+    if the statement names the state as a literal.
+    """
     out = []
     with engine.connect() as conn:
         for c in captured:
-            row = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + c.statement, c.parameters)
-            plan = row.scalar_one()[0]["Plan"]
+            plan = _generic_plan(conn, c) if generic else _custom_plan(conn, c)
             scans = [
                 (n["Node Type"], n["Relation Name"], _index_of(n))
                 for n in _walk(plan)
@@ -381,6 +390,49 @@ def explain_all(engine: Engine, captured: list[Captured]) -> list[Planned]:
             out.append(Planned(c, plan, scans))
         conn.rollback()
     return out
+
+
+def _custom_plan(conn: Connection, c: Captured) -> dict[str, Any]:
+    row = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + c.statement, c.parameters)
+    plan: dict[str, Any] = row.scalar_one()[0]["Plan"]
+    return plan
+
+
+def _generic_plan(conn: Connection, c: Captured) -> dict[str, Any]:
+    """PREPARE the statement (named parameters become $1, $2, ... in order of first use)
+    and EXPLAIN its EXECUTE with plan_cache_mode forcing the cached, generic plan."""
+    if not isinstance(c.parameters, dict):
+        raise TypeError(f"expected named parameters, got {type(c.parameters).__name__}")
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match.group(1) is None:
+            return "%"  # pyformat's escaped percent sign
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    sql = re.sub(r"%\((\w+)\)s|%%", number, c.statement)
+    driver = conn.connection.dbapi_connection
+    assert isinstance(driver, psycopg.Connection)
+    with psycopg.ClientCursor(driver) as cur:  # EXECUTE takes its arguments as literals
+        cur.execute("SET plan_cache_mode = force_generic_plan")
+        cur.execute(f"PREPARE streamflow_plan_probe AS {sql}")
+        try:
+            args = ", ".join(["%s"] * len(names))
+            cur.execute(
+                f"EXPLAIN (FORMAT JSON) EXECUTE streamflow_plan_probe({args})"
+                if names
+                else "EXPLAIN (FORMAT JSON) EXECUTE streamflow_plan_probe",
+                [c.parameters[n] for n in names],
+            )
+            row = cur.fetchone()
+            assert row is not None
+            plan: dict[str, Any] = row[0][0]["Plan"]
+        finally:
+            cur.execute("DEALLOCATE streamflow_plan_probe")
+            cur.execute("RESET plan_cache_mode")
+    return plan
 
 
 def explain_text(engine: Engine, captured: Captured) -> str:

@@ -304,7 +304,10 @@ def complete_callback(
 _cb = t.callbacks
 _PROMOTE_DUE_CALLBACKS = (
     update(_cb)
-    .where(_cb.c.state == StepState.RETRYABLE.value, _cb.c.scheduled_at <= bindparam("b_now"))
+    .where(
+        t.in_state(_cb.c.state, StepState.RETRYABLE.value),
+        _cb.c.scheduled_at <= bindparam("b_now"),
+    )
     .values(
         state=StepState.AVAILABLE.value,
         scheduled_at=None,
@@ -314,7 +317,7 @@ _PROMOTE_DUE_CALLBACKS = (
 )
 _UNDISPATCHED_CALLBACKS = (
     select(_cb.c.workflow_id, _cb.c.queue, _cb.c.priority)
-    .where(_cb.c.state == StepState.AVAILABLE.value, _cb.c.dispatched_at.is_(None))
+    .where(t.in_state(_cb.c.state, StepState.AVAILABLE.value), _cb.c.dispatched_at.is_(None))
     .order_by(_cb.c.priority.desc(), _cb.c.updated_at)
     .limit(bindparam("b_limit"))
 )
@@ -360,7 +363,10 @@ def redispatch_stale_callbacks(
     c = t.callbacks
     rows = conn.execute(
         select(c.c.workflow_id, c.c.queue, c.c.priority, c.c.dispatched_at)
-        .where(c.c.state == StepState.AVAILABLE.value, c.c.dispatched_at < now - older_than)
+        .where(
+            t.in_state(c.c.state, StepState.AVAILABLE.value),
+            c.c.dispatched_at < now - older_than,
+        )
         .order_by(c.c.dispatched_at)
         .limit(limit)
     ).all()
@@ -399,7 +405,7 @@ def expire_callback_leases(
     c = t.callbacks
     rows = conn.execute(
         select(c.c.workflow_id, c.c.attempt)
-        .where(c.c.state == StepState.EXECUTING.value, c.c.lease_expires_at < now)
+        .where(t.in_state(c.c.state, StepState.EXECUTING.value), c.c.lease_expires_at < now)
         .order_by(c.c.workflow_id)
         .limit(limit)
     ).all()
@@ -448,7 +454,7 @@ def undispatch_all_callbacks(conn: Connection) -> list[ReadyStep]:
     c = t.callbacks
     rows = conn.execute(
         update(c)
-        .where(c.c.state == StepState.AVAILABLE.value, c.c.dispatched_at.is_not(None))
+        .where(t.in_state(c.c.state, StepState.AVAILABLE.value), c.c.dispatched_at.is_not(None))
         .values(dispatched_at=None)
         .returning(c.c.workflow_id, c.c.queue, c.c.priority)
     ).all()

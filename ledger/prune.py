@@ -83,8 +83,10 @@ class PruneCounts:
 def _prunable(cutoff: datetime) -> Any:
     """The condition on `streamflow_workflows` rows that may be pruned."""
     w, c = t.workflows, t.callbacks
-    live_callback = exists().where(c.c.workflow_id == w.c.id, c.c.state.in_(_LIVE_CALLBACK))
-    return (w.c.state == "finished") & (w.c.finished_at < cutoff) & ~live_callback
+    live_callback = exists().where(
+        c.c.workflow_id == w.c.id, t.in_states(c.c.state, _LIVE_CALLBACK)
+    )
+    return t.in_state(w.c.state, "finished") & (w.c.finished_at < cutoff) & ~live_callback
 
 
 def find_prunable(conn: Connection, cutoff: datetime, limit: int) -> list[str]:

@@ -251,7 +251,7 @@ def undispatch_all_available(conn: Connection) -> list[ReadyStep]:
     # reported (and get recovery rows), even if a dispatcher marks others meanwhile.
     rows = conn.execute(
         update(s)
-        .where(s.c.state == StepState.AVAILABLE.value, s.c.dispatched_at.is_not(None))
+        .where(t.in_state(s.c.state, StepState.AVAILABLE.value), s.c.dispatched_at.is_not(None))
         .values(dispatched_at=None)
         .returning(s.c.workflow_id, s.c.name, s.c.queue, s.c.priority)
     ).all()

@@ -237,7 +237,7 @@ def expire_awaits(
     a, s = t.awaits, t.steps
     rows = conn.execute(
         select(a.c.workflow_id, a.c.step)
-        .where(a.c.state == AwaitState.WAITING.value, a.c.deadline_at <= now)
+        .where(t.in_state(a.c.state, AwaitState.WAITING.value), a.c.deadline_at <= now)
         .order_by(a.c.deadline_at)
         .limit(limit)
     ).all()

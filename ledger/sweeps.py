@@ -25,13 +25,15 @@ from ledger.transitions import apply_changes, complete_step, mark_dispatched, se
 _s = t.steps
 _UNDISPATCHED = (
     select(_s.c.workflow_id, _s.c.name, _s.c.queue, _s.c.priority)
-    .where(_s.c.state == StepState.AVAILABLE.value, _s.c.dispatched_at.is_(None))
+    .where(t.in_state(_s.c.state, StepState.AVAILABLE.value), _s.c.dispatched_at.is_(None))
     .order_by(_s.c.priority.desc(), _s.c.available_at)
     .limit(bindparam("b_limit"))
 )
 _DUE_RETRIES = (
     select(_s.c.workflow_id, _s.c.name, _s.c.queue, _s.c.priority, _s.c.scheduled_at)
-    .where(_s.c.state == StepState.RETRYABLE.value, _s.c.scheduled_at <= bindparam("b_due"))
+    .where(
+        t.in_state(_s.c.state, StepState.RETRYABLE.value), _s.c.scheduled_at <= bindparam("b_due")
+    )
     .order_by(_s.c.workflow_id, _s.c.name)
     .limit(bindparam("b_limit"))
 )
@@ -65,7 +67,7 @@ def redispatch_stale(
     cutoff = now - older_than
     rows = conn.execute(
         select(s.c.workflow_id, s.c.name, s.c.queue, s.c.priority, s.c.dispatched_at)
-        .where(s.c.state == StepState.AVAILABLE.value, s.c.dispatched_at < cutoff)
+        .where(t.in_state(s.c.state, StepState.AVAILABLE.value), s.c.dispatched_at < cutoff)
         .order_by(s.c.dispatched_at)
         .limit(limit)
     ).all()
@@ -156,7 +158,7 @@ def expire_leases(
     s = t.steps
     rows = conn.execute(
         select(s.c.workflow_id, s.c.name, s.c.attempt)
-        .where(s.c.state == StepState.EXECUTING.value, s.c.lease_expires_at < now)
+        .where(t.in_state(s.c.state, StepState.EXECUTING.value), s.c.lease_expires_at < now)
         .order_by(s.c.workflow_id, s.c.name)
         .limit(limit)
     ).all()

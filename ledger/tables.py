@@ -8,6 +8,8 @@ stored result per step, one attempt row per attempt number.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,10 +28,12 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    literal_column,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator
 
 NAMING_CONVENTION = {
@@ -71,6 +75,29 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         assert isinstance(value, datetime)
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def in_state(column: ColumnElement[str], state: str) -> ColumnElement[bool]:
+    """`column = 'state'` with the state written into the SQL text, not bound.
+
+    A partial index (`WHERE state = 'available'`) serves only a statement whose own
+    condition implies the index's, and once psycopg has prepared a statement (its fifth
+    execution on a connection) the server may run a generic plan, which knows no
+    parameter's value: with the state bound, every sweep read the whole table.
+    `tests/integration/test_query_plans.py` checks the generic plans.
+    """
+    return column == _state_literal(column, state)
+
+
+def in_states(column: ColumnElement[str], states: Sequence[str]) -> ColumnElement[bool]:
+    """`column IN ('a', 'b')`, the states written into the SQL text: see `in_state`."""
+    return column.in_([_state_literal(column, state) for state in states])
+
+
+def _state_literal(column: ColumnElement[str], state: str) -> ColumnElement[str]:
+    if not re.fullmatch(r"[a-z_]+", state):
+        raise ValueError(f"not a state name: {state!r}")
+    return literal_column(f"'{state}'", column.type)
 
 
 def _partial_index(name: str, *columns: str, where: str, unique: bool = False) -> Index:

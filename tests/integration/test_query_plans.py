@@ -10,6 +10,7 @@ EXPLAINed with its own parameters. `python -m benchmarks.query_plans` prints the
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import Engine
@@ -81,6 +82,31 @@ def test_no_statement_scans_a_ledger_table_sequentially(
     assert all(reason.strip() for reason in ALLOWED_SEQ_SCANS.values())
 
 
+def test_no_statement_scans_a_ledger_table_sequentially_once_prepared(
+    seeded: Engine, planned: list[Planned]
+) -> None:
+    """psycopg prepares a statement on its fifth execution on a connection, and the server
+    then runs a generic plan, blind to the parameters' values. A step's state bound as a
+    parameter hid the partial indexes from it: every dispatcher pass read the whole
+    steps table."""
+    generic = explain_all(seeded, [p.captured for p in planned], generic=True)
+    bad = [p for p in generic if p.bad_seq_scans]
+    report = "\n\n".join(f"[{p.captured.phase}] {p.captured.statement}" for p in bad)
+    assert not bad, f"sequential scans of ledger tables in generic plans:\n{report}"
+
+    def indexes(fragment: str) -> set[str | None]:
+        found = [p for p in generic if fragment in " ".join(p.captured.statement.split())]
+        assert found, f"no captured statement contains {fragment!r}"
+        return {idx for p in found for _, _, idx in p.scans}
+
+    # What the dispatcher sends on every pass reads its partial indexes, not a whole-table
+    # walk in some other index's order (which no sequential-scan check would catch).
+    assert indexes("streamflow_steps.dispatched_at IS NULL ORDER BY") == {
+        "ix_streamflow_steps_available_dispatched"
+    }
+    assert indexes("streamflow_steps.scheduled_at <=") == {"ix_streamflow_steps_retry_due"}
+
+
 def test_the_hottest_statements_use_the_expected_indexes(planned: list[Planned]) -> None:
     def indexes(fragment: str) -> set[str | None]:
         found = [p for p in planned if fragment in " ".join(p.captured.statement.split())]
@@ -104,3 +130,18 @@ def test_a_statement_without_an_index_is_caught(seeded: Engine) -> None:
     )
     (result,) = explain_all(seeded, [probe])
     assert result.bad_seq_scans == ["streamflow_steps"]
+
+
+def test_a_partial_index_a_generic_plan_cannot_use_is_caught(seeded: Engine) -> None:
+    """The generic-plan detector itself: with the state a parameter, the partial index
+    of retries due serves the custom plan only."""
+    probe = Captured(
+        "SELECT name FROM streamflow_steps WHERE state = %(state)s::VARCHAR "
+        "AND scheduled_at <= %(due)s::TIMESTAMP WITH TIME ZONE",
+        {"state": "retryable", "due": datetime.now(UTC)},
+        "probe",
+    )
+    (custom,) = explain_all(seeded, [probe])
+    (generic,) = explain_all(seeded, [probe], generic=True)
+    assert custom.bad_seq_scans == []
+    assert generic.bad_seq_scans == ["streamflow_steps"]
