@@ -2,6 +2,7 @@
 
     python -m benchmarks.profile                       # 1,500 chains (4,500 steps)
     python -m benchmarks.profile --workflows 300 --out /tmp/prof
+    python -m benchmarks.profile --chain 2000          # W3's shape: one chain alone
 
 Runs W1 through the same harness as the suite, with `py-spy record` attached to the
 worker and to the consume process: CPU samples; the worker also with --idle, so waiting
@@ -90,6 +91,13 @@ def summarise(path: Path, top: int = 25) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workflows", type=int, default=1500)
+    p.add_argument(
+        "--chain",
+        type=int,
+        metavar="STEPS",
+        help="Profile W3's shape instead: one chain of STEPS steps run alone, where each "
+        "hop's time goes (read worker-idle: the step thread's wall clock).",
+    )
     p.add_argument("--database-url", default=DEFAULT_PG)
     p.add_argument(
         "--out",
@@ -106,7 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     pg = Postgres(args.database_url)
     workdir = Path(tempfile.mkdtemp(prefix="bench-prof-"))
     recorders: list[subprocess.Popen[bytes]] = []
-    workload = Workload("w1", "W1 profile", "chain", 3, args.workflows)
+    if args.chain is not None and args.chain < 2:
+        p.error("--chain needs at least 2 steps (a hop is between two)")
+    workload = (
+        Workload("w3", "W3 profile", "chain", args.chain, 1)
+        if args.chain
+        else Workload("w1", "W1 profile", "chain", 3, args.workflows)
+    )
     try:
         with disposable_redis(None) as redis:
             system = StreamflowSystem(Ctx(pg, args.database_url, redis, workdir))
@@ -159,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         pg.close()
         shutil.rmtree(workdir, ignore_errors=True)
     steps = workload.steps
-    print(f"W1 x {args.workflows}: {steps / fig.outcome.wall_s:.0f} steps/s while profiled\n")
+    print(f"{workload.title}: {steps / fig.outcome.wall_s:.0f} steps/s while profiled\n")
     print_summaries(out)
     return 0
 
