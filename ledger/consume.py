@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import (
     ARRAY,
     Connection,
+    Select,
     String,
     bindparam,
     func,
@@ -109,6 +110,43 @@ _ACCOUNTED = select(_e.c.workflow_id, _e.c.dedupe_key, _e.c.classification).wher
     _e.c.kind == literal_column("'event'"),
     _e.c.classification.in_([literal_column("'consumed'"), literal_column("'dropped'")]),
 )
+
+#: PostgreSQL: the same read, each pair looked up alone in that index (LATERAL, as below).
+#: A list of pairs left the planner to walk the index by workflow, or whole, with the
+#: pairs as a filter: 7 ms a batch on a 4,500-row table, growing with the ledger.
+_pair_keys = (
+    func.unnest(
+        bindparam("b_wfs", type_=ARRAY(String())), bindparam("b_keys", type_=ARRAY(String()))
+    )
+    .table_valued("workflow_id", "dedupe_key")
+    .render_derived()
+)
+_accounted_pair = (
+    select(_e.c.workflow_id, _e.c.dedupe_key, _e.c.classification)
+    .where(
+        _e.c.workflow_id == _pair_keys.c.workflow_id,
+        _e.c.dedupe_key == _pair_keys.c.dedupe_key,
+        _e.c.kind == literal_column("'event'"),
+        _e.c.classification.in_([literal_column("'consumed'"), literal_column("'dropped'")]),
+    )
+    .offset(0)
+    .lateral("ae")
+)
+_ACCOUNTED_PG = select(
+    _accounted_pair.c.workflow_id, _accounted_pair.c.dedupe_key, _accounted_pair.c.classification
+).select_from(_pair_keys.join(_accounted_pair, true()))
+
+
+def accounted_query(
+    conn: Connection, keys: Iterable[tuple[str, str]]
+) -> tuple[Select[Any], dict[str, Any]]:
+    """The statement reading which (workflow, key) events are accounted for, and its
+    parameters, for this connection's database."""
+    ordered = sorted(keys)
+    if conn.dialect.name == "postgresql":
+        return _ACCOUNTED_PG, {"b_wfs": [w for w, _ in ordered], "b_keys": [k for _, k in ordered]}
+    return _ACCOUNTED, {"keys": ordered}
+
 
 _INSERT_EVIDENCE = insert(_e)
 #: The columns a batch's evidence rows fill (an event's evidence has no payload).
@@ -231,9 +269,9 @@ def consume_completions(
         conn.execute(_LOCK_EVENTS, {"keys": sorted({key for _, key in keys})})
     accounted: dict[tuple[str, str], str] = {}
     if keys:
+        statement, params = accounted_query(conn, keys)
         accounted = {
-            (r.workflow_id, r.dedupe_key): r.classification
-            for r in conn.execute(_ACCOUNTED, {"keys": sorted(keys)})
+            (r.workflow_id, r.dedupe_key): r.classification for r in conn.execute(statement, params)
         }
 
     # Classify in order; an event consumed here accounts for its later deliveries.

@@ -17,7 +17,7 @@ from sqlalchemy import Engine, text
 
 from benchmarks.query_plans import throwaway_database
 from ledger.children import CHILDREN_WITH_DEPS
-from ledger.consume import _UNDISPATCHED_CHILDREN_PG
+from ledger.consume import _UNDISPATCHED_CHILDREN_PG, accounted_query
 from ledger.db import make_engine
 from ledger.transitions import _STEP_HISTORY_AND_CHILDREN
 from streamflow import Workflow
@@ -84,4 +84,49 @@ def test_every_step_row_is_read_by_its_primary_key(
         assert "workflow_id" in condition and "name" in condition, (
             f"{scan.get('Alias')}: read by {condition or scan['Node Type']}, "
             f"not by (workflow_id, name)"
+        )
+
+
+@pytest.fixture(scope="module")
+def evidence_keys(stale: tuple[Engine, str]) -> list[tuple[str, str]]:
+    """2,000 consumed events' evidence, written after ANALYZE saw none."""
+    engine, wid = stale
+    keys = [(wid, f"{wid}:s{i}:1:completed") for i in range(2000)]
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO streamflow_evidence (workflow_id, step, kind, classification, "
+                "source, status, attempt, dedupe_key, created_at) "
+                "SELECT CAST(:wid AS text), 's' || i, 'event', 'consumed', 'test', 'completed', 1, "
+                "CAST(:wid AS text) || '\\:s' || i || '\\:1\\:completed', now() "
+                "FROM generate_series(0, 1999) i"
+            ),
+            {"wid": wid},
+        )
+    return keys
+
+
+def test_a_consumer_batch_reads_what_is_accounted_by_key(
+    stale: tuple[Engine, str], evidence_keys: list[tuple[str, str]]
+) -> None:
+    """The consumer's read of the accounted events among a batch's: as a list of
+    (workflow, key) pairs the planner walked the whole accounted index with the pairs as
+    a filter (7 ms a batch of 36 on a 4,500-row table, growing with the ledger)."""
+    engine, _ = stale
+    batch = evidence_keys[::50]
+    with engine.connect() as conn:
+        statement, params = accounted_query(conn, batch)
+        expanded = statement.compile(dialect=conn.dialect).construct_expanded_state(params)
+        plan = conn.exec_driver_sql(
+            "EXPLAIN (FORMAT JSON) " + expanded.statement, expanded.parameters
+        )
+        root = plan.scalar_one()[0]["Plan"]
+        conn.rollback()
+    scans = [n for n in _walk(root) if n.get("Relation Name") == "streamflow_evidence"]
+    assert scans, "the plan reads no evidence"
+    for scan in scans:
+        condition = scan.get("Index Cond", "")
+        assert "workflow_id" in condition and "dedupe_key" in condition, (
+            f"evidence read by {condition or scan['Node Type']}, "
+            f"filtered by {scan.get('Filter', '')[:200]}"
         )
