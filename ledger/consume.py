@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import (
     ARRAY,
     Connection,
+    Integer,
     Select,
     String,
     bindparam,
@@ -92,6 +93,48 @@ _READ_ROWS = (
         )
     )
     .where(_w.c.id.in_(bindparam("workflows", expanding=True)))
+)
+
+#: PostgreSQL: the same rows (one per event, which the caller folds), each workflow, step
+#: and outcome row looked up by primary key for its event (LATERAL, as below). The lists
+#: of keys above let the planner scan the workflows, or OR together a bitmap per step,
+#: and cost 1.6 ms of planning a batch: each batch size was a new statement text.
+_events = (
+    func.unnest(
+        bindparam("b_wfs", type_=ARRAY(String())),
+        bindparam("b_steps", type_=ARRAY(String())),
+        bindparam("b_attempts", type_=ARRAY(Integer())),
+    )
+    .table_valued("workflow_id", "step", "attempt")
+    .render_derived()
+)
+_event_workflow = select(_w.c.id).where(_w.c.id == _events.c.workflow_id).offset(0).lateral("ew")
+_event_step = (
+    select(_s.c.name, _s.c.state, _s.c.attempt)
+    .where(_s.c.workflow_id == _events.c.workflow_id, _s.c.name == _events.c.step)
+    .offset(0)
+    .lateral("es")
+)
+_event_outcome = (
+    select(_a.c.attempt)
+    .where(
+        _a.c.workflow_id == _events.c.workflow_id,
+        _a.c.step == _events.c.step,
+        _a.c.attempt == _events.c.attempt,
+    )
+    .offset(0)
+    .lateral("eo")
+)
+_READ_ROWS_PG = select(
+    _event_workflow.c.id,
+    _event_step.c.name,
+    _event_step.c.state,
+    _event_step.c.attempt,
+    _event_outcome.c.attempt.label("outcome_attempt"),
+).select_from(
+    _events.join(_event_workflow, true())
+    .outerjoin(_event_step, true())
+    .outerjoin(_event_outcome, true())
 )
 
 #: `ledger.db.lock_event` for many keys at once: the same lock (a transaction-level
@@ -332,14 +375,23 @@ def _read_rows(
 ) -> tuple[set[str], dict[tuple[str, str], _StepRow], set[tuple[str, str, int]]]:
     """The workflows found, the steps found and the (workflow, step, attempt) outcome
     rows found, of those the events name, in one statement."""
-    rows = conn.execute(
-        _READ_ROWS,
-        {
-            "workflows": sorted({ev.workflow_id for ev in events}),
-            "steps": sorted({(ev.workflow_id, ev.step) for ev in events}),
-            "outcomes": sorted({(ev.workflow_id, ev.step, ev.attempt) for ev in events}),
-        },
-    ).all()
+    if conn.dialect.name == "postgresql":
+        named = sorted({(ev.workflow_id, ev.step, ev.attempt) for ev in events})
+        params: dict[str, Any] = {
+            "b_wfs": [w for w, _, _ in named],
+            "b_steps": [s for _, s, _ in named],
+            "b_attempts": [a for _, _, a in named],
+        }
+        rows = conn.execute(_READ_ROWS_PG, params).all()
+    else:
+        rows = conn.execute(
+            _READ_ROWS,
+            {
+                "workflows": sorted({ev.workflow_id for ev in events}),
+                "steps": sorted({(ev.workflow_id, ev.step) for ev in events}),
+                "outcomes": sorted({(ev.workflow_id, ev.step, ev.attempt) for ev in events}),
+            },
+        ).all()
     workflows = {r.id for r in rows}
     steps = {(r.id, r.name): _StepRow(r.state, r.attempt) for r in rows if r.name is not None}
     outcomes = {(r.id, r.name, r.outcome_attempt) for r in rows if r.outcome_attempt is not None}

@@ -17,7 +17,7 @@ from sqlalchemy import Engine, text
 
 from benchmarks.query_plans import throwaway_database
 from ledger.children import CHILDREN_WITH_DEPS
-from ledger.consume import _UNDISPATCHED_CHILDREN_PG, accounted_query
+from ledger.consume import _READ_ROWS_PG, _UNDISPATCHED_CHILDREN_PG, accounted_query
 from ledger.db import make_engine
 from ledger.transitions import _STEP_HISTORY_AND_CHILDREN
 from streamflow import Workflow
@@ -61,8 +61,8 @@ def _step_scans(engine: Engine, statement: Any, params: dict[str, Any]) -> list[
 
 @pytest.mark.parametrize(
     "statement",
-    [_STEP_HISTORY_AND_CHILDREN, CHILDREN_WITH_DEPS, _UNDISPATCHED_CHILDREN_PG],
-    ids=["outcome-read", "general", "consumer-dispatch"],
+    [_STEP_HISTORY_AND_CHILDREN, CHILDREN_WITH_DEPS, _UNDISPATCHED_CHILDREN_PG, _READ_ROWS_PG],
+    ids=["outcome-read", "general", "consumer-dispatch", "consumer-read"],
 )
 def test_every_step_row_is_read_by_its_primary_key(
     stale: tuple[Engine, str], statement: Any
@@ -75,6 +75,8 @@ def test_every_step_row_is_read_by_its_primary_key(
         "b_parent": middle,
         "b_wfs": [wid],
         "b_parents": [middle],
+        "b_steps": [middle],
+        "b_attempts": [1],
     }
     scans = _step_scans(engine, statement, params)
     assert scans, "the plan reads no step row"
