@@ -20,12 +20,12 @@ from sqlalchemy import (
     Connection,
     Engine,
     String,
-    any_,
     bindparam,
     create_engine,
     event,
     func,
     select,
+    true,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -143,15 +143,15 @@ def read(repo: Repo) -> Iterator[Connection]:
 _w = t.workflows
 _READ_WORKFLOW = select(_w).where(_w.c.id == bindparam("b_id"))
 _LOCK_WORKFLOW = _READ_WORKFLOW.with_for_update()
-# Many at once, in the order Python sorts the ids (code points: "C", byte order in UTF-8),
-# which is the order a group commit runs its operations in: every multi-workflow lock
-# follows one order, so none waits on another in a cycle. LockRows sits above the sort.
-_LOCK_WORKFLOWS = (
-    select(_w)
-    .where(_w.c.id == any_(bindparam("b_ids", type_=ARRAY(String))))
-    .order_by(_w.c.id.collate("C"))
-    .with_for_update()
-)
+# Many at once, in the order of `b_ids`, which the caller sorts as Python does (code
+# points: "C", byte order in UTF-8), the order a group commit runs its operations in:
+# every multi-workflow lock follows one order, so none waits on another in a cycle.
+# Each row is locked by primary key as the ids are unnested, in turn (LATERAL): as
+# `id = ANY(ids)` under a sort, the planner scanned the whole table when it was small
+# (1,500 rows: 0.56 ms a group, in the group commit's single lane).
+_lock_ids = func.unnest(bindparam("b_ids", type_=ARRAY(String))).table_valued("id").render_derived()
+_locked_workflow = select(_w).where(_w.c.id == _lock_ids.c.id).with_for_update().lateral("lw")
+_LOCK_WORKFLOWS = select(_locked_workflow).select_from(_lock_ids.join(_locked_workflow, true()))
 _TOUCH_WORKFLOW = update(_w).where(_w.c.id == bindparam("b_id")).values(updated_at=_w.c.updated_at)
 _LOCK_EVENT = select(func.pg_advisory_xact_lock(func.hashtext(bindparam("b_key", type_=String))))
 

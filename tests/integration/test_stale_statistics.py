@@ -18,7 +18,7 @@ from sqlalchemy import Engine, text
 from benchmarks.query_plans import throwaway_database
 from ledger.children import CHILDREN_WITH_DEPS
 from ledger.consume import _READ_ROWS_PG, _UNDISPATCHED_CHILDREN_PG, accounted_query
-from ledger.db import make_engine
+from ledger.db import _LOCK_WORKFLOWS, make_engine
 from ledger.transitions import _STEP_HISTORY_AND_CHILDREN
 from streamflow import Workflow
 from tests.workers import Noop
@@ -132,3 +132,46 @@ def test_a_consumer_batch_reads_what_is_accounted_by_key(
             f"evidence read by {condition or scan['Node Type']}, "
             f"filtered by {scan.get('Filter', '')[:200]}"
         )
+
+
+@pytest.fixture(scope="module")
+def unanalyzed(postgres_url: str) -> Iterator[Engine]:
+    """2,000 running workflows that ANALYZE never saw, as in a new deployment's first
+    minutes (or wherever autovacuum is off or behind)."""
+    with throwaway_database(postgres_url) as url:
+        engine = make_engine(url)
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO streamflow_workflows (id, name, state, semantics_version, "
+                    "context, step_count, needs_review, created_at, updated_at) "
+                    "SELECT lpad(to_hex(i), 32, '0'), 'w', 'running', 1, '{}', 1, false, "
+                    "now(), now() FROM generate_series(1, 2000) i"
+                )
+            )
+        yield engine
+        engine.dispose()
+
+
+def test_a_groups_workflows_are_locked_by_primary_key_in_the_order_given(
+    unanalyzed: Engine,
+) -> None:
+    """The group commit's lock of its workflows. As `id = ANY(ids)` under a sort, the
+    planner scanned every workflow (0.56 ms a group over W1's 1,500 workflows, in the
+    group commit's single lane)."""
+    with unanalyzed.connect() as conn:
+        ids = [f"{i:032x}" for i in (7, 300, 301, 1200, 1999)]
+        compiled = _LOCK_WORKFLOWS.compile(dialect=conn.dialect)
+        plan = conn.exec_driver_sql(
+            "EXPLAIN (FORMAT JSON) " + compiled.string, compiled.construct_params({"b_ids": ids})
+        )
+        root = plan.scalar_one()[0]["Plan"]
+        # The rows come back (and are locked) in the order of the ids given.
+        locked = [row["id"] for row in conn.execute(_LOCK_WORKFLOWS, {"b_ids": ids}).mappings()]
+        conn.rollback()
+    assert locked == ids
+    scans = [n for n in _walk(root) if n.get("Relation Name") == "streamflow_workflows"]
+    assert scans and all(
+        n["Node Type"] == "Index Scan" and n["Index Name"] == "pk_streamflow_workflows"
+        for n in scans
+    ), [(n["Node Type"], n.get("Index Name")) for n in scans]
