@@ -12,7 +12,7 @@ from sqlalchemy import Boolean, Connection, bindparam, insert, text
 from ledger import tables as t
 from ledger.db import DISPATCH_CHANNEL, notify_dispatcher
 from ledger.ids import new_workflow_id
-from ledger.model import StepDefinition, WorkflowDefinition
+from ledger.model import ReadyStep, StepDefinition, WorkflowDefinition
 from ledger.rules import SEMANTICS_VERSION, AwaitState, StepState, await_deadline
 
 # Built once: an application inserting many workflows pays only for the parameters.
@@ -22,7 +22,11 @@ _INSERT_EDGES = insert(t.edges)
 
 
 def insert_workflow(
-    conn: Connection, definition: WorkflowDefinition, now: datetime | None = None
+    conn: Connection,
+    definition: WorkflowDefinition,
+    now: datetime | None = None,
+    *,
+    dispatch: bool = False,
 ) -> str:
     """Insert a validated definition and return the new workflow's id.
 
@@ -31,12 +35,17 @@ def insert_workflow(
     The caller validates first (the builder does): this writes what it is given.
     On PostgreSQL the workflow, its steps, its edges and the dispatcher's wake-up are one
     statement; elsewhere one statement per table.
+
+    `dispatch`: the caller publishes the available roots itself once this commits
+    (`runnable_roots` lists them), so they are written dispatched and the dispatcher is
+    not woken. If that publish fails, `ledger.transitions.unmark_dispatched` hands them
+    back to the dispatcher.
     """
     now = now or datetime.now(UTC)
     if conn.dialect.name == "postgresql":
-        workflow_id = _insert_at_once(conn, definition, now)
+        workflow_id = _insert_at_once(conn, definition, now, dispatch)
     else:
-        workflow_id = insert_rows_one_table_at_a_time(conn, definition, now)
+        workflow_id = insert_rows_one_table_at_a_time(conn, definition, now, dispatch)
     await_rows = [
         {
             "workflow_id": workflow_id,
@@ -61,6 +70,16 @@ def _runnable_roots(definition: WorkflowDefinition) -> int:
     return sum(1 for s in definition.steps if not _starts_pending(s))
 
 
+def runnable_roots(workflow_id: str, definition: WorkflowDefinition) -> tuple[ReadyStep, ...]:
+    """The steps a new workflow starts `available`, to publish: its roots that await no
+    signal, in definition order."""
+    return tuple(
+        ReadyStep(workflow_id, s.name, s.queue, s.priority)
+        for s in definition.steps
+        if not _starts_pending(s)
+    )
+
+
 def _workflow_row(
     workflow_id: str, definition: WorkflowDefinition, now: datetime
 ) -> dict[str, Any]:
@@ -83,13 +102,13 @@ def _workflow_row(
 
 
 def insert_rows_one_table_at_a_time(
-    conn: Connection, definition: WorkflowDefinition, now: datetime
+    conn: Connection, definition: WorkflowDefinition, now: datetime, dispatch: bool = False
 ) -> str:
     """The workflow row, then its steps, then its edges: SQLite's way (and the reference
     the PostgreSQL statement is tested against)."""
     workflow_id = new_workflow_id()
     conn.execute(_INSERT_WORKFLOW, _workflow_row(workflow_id, definition, now))
-    if _runnable_roots(definition):
+    if _runnable_roots(definition) and not dispatch:
         notify_dispatcher(conn)
     conn.execute(
         _INSERT_STEPS,
@@ -101,6 +120,7 @@ def insert_rows_one_table_at_a_time(
                 "attempt": 0,
                 "needs_review": False,
                 "available_at": None if _starts_pending(s) else now,
+                "dispatched_at": now if dispatch and not _starts_pending(s) else None,
                 "created_at": now,
                 "updated_at": now,
             }
@@ -117,12 +137,15 @@ def insert_rows_one_table_at_a_time(
     return workflow_id
 
 
-def _insert_at_once(conn: Connection, definition: WorkflowDefinition, now: datetime) -> str:
+def _insert_at_once(
+    conn: Connection, definition: WorkflowDefinition, now: datetime, dispatch: bool
+) -> str:
     """PostgreSQL: every row in one statement — the steps and edges travel as one JSON
     array each — so a submission is one round trip before its commit, not four."""
     workflow_id = new_workflow_id()
     params = {f"bw_{k}": v for k, v in _workflow_row(workflow_id, definition, now).items()}
-    params["b_notify"] = _runnable_roots(definition) > 0
+    params["b_notify"] = _runnable_roots(definition) > 0 and not dispatch
+    params["b_dispatched"] = dispatch
     params["b_steps"] = json.dumps(
         [
             {**_step_fields(i, s), "pending": _starts_pending(s)}
@@ -164,11 +187,13 @@ _INSERT_AT_ONCE = text(
     f"WITH new_workflow AS (INSERT INTO {_w} ({', '.join(_WORKFLOW_COLUMNS)}) "
     f"VALUES ({', '.join(':bw_' + c for c in _WORKFLOW_COLUMNS)})), "
     f"new_steps AS (INSERT INTO {_s} (workflow_id, name, position, worker, queue, args, "
-    "max_attempts, priority, state, attempt, needs_review, available_at, created_at, "
-    "updated_at) "
+    "max_attempts, priority, state, attempt, needs_review, available_at, dispatched_at, "
+    "created_at, updated_at) "
     "SELECT :bw_id, x.name, x.position, x.worker, x.queue, x.args, x.max_attempts, "
     "x.priority, CASE WHEN x.pending THEN 'pending' ELSE 'available' END, 0, false, "
-    "CASE WHEN x.pending THEN NULL ELSE :bw_created_at END, :bw_created_at, :bw_created_at "
+    "CASE WHEN x.pending THEN NULL ELSE :bw_created_at END, "
+    "CASE WHEN x.pending OR NOT :b_dispatched THEN NULL ELSE :bw_created_at END, "
+    ":bw_created_at, :bw_created_at "
     "FROM jsonb_to_recordset(CAST(:b_steps AS jsonb)) AS x(name text, position integer, "
     "worker text, queue text, args jsonb, max_attempts integer, priority integer, "
     "pending boolean)), "
@@ -183,6 +208,7 @@ _INSERT_AT_ONCE = text(
     bindparam("bw_created_at", type_=t.workflows.c.created_at.type),
     bindparam("bw_updated_at", type_=t.workflows.c.updated_at.type),
     bindparam("b_notify", type_=Boolean),
+    bindparam("b_dispatched", type_=Boolean),
 )
 
 

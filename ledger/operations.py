@@ -31,9 +31,15 @@ from ledger.signals import record_signal, signals_of
 from ledger.transitions import complete_step
 
 
-def insert(repo: Repo, definition: WorkflowDefinition, now: datetime | None = None) -> str:
+def insert(
+    repo: Repo,
+    definition: WorkflowDefinition,
+    now: datetime | None = None,
+    *,
+    dispatch: bool = False,
+) -> str:
     with transaction(repo) as conn:
-        return insert_workflow(conn, definition, now)
+        return insert_workflow(conn, definition, now, dispatch=dispatch)
 
 
 def complete(

@@ -30,6 +30,28 @@ class Publisher:
         self.transport = transport
         self.keys = keys
 
+    @classmethod
+    def connect(cls, redis_url: str | None = None) -> Publisher:
+        """A publisher to the Redis at `redis_url` (default: STREAMFLOW_REDIS_URL), with
+        the stream names every Streamflow process of the deployment uses
+        (STREAMFLOW_STREAM_PREFIX, STREAMFLOW_STREAM_PARTITIONS). For
+        `Workflow.insert(engine, publisher=...)`. Connects lazily: a Redis that is down
+        shows as publishes that fail (and fall back), not here."""
+        from streamflow.config import Settings
+        from streamflow.streams.keys import parse_partitions
+        from streamflow.streams.transport import connect
+
+        settings = Settings()
+        url = redis_url or settings.redis_url
+        if url is None:
+            raise ValueError(
+                "Publisher.connect needs a Redis URL: pass one or set STREAMFLOW_REDIS_URL"
+            )
+        keys = StreamKeys(
+            prefix=settings.stream_prefix, partitions=parse_partitions(settings.stream_partitions)
+        )
+        return cls(connect(url), keys)
+
     def publish_completion(self, event: CompletionEvent) -> bool:
         """XADD `event` to the completion stream; True on success, False (logged) if not."""
         # Encoding stays outside the guard: a bad event is a bug to surface, not an outage.

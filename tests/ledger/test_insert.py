@@ -143,6 +143,15 @@ def test_on_postgres_an_insert_is_one_statement_and_writes_what_the_general_path
         general = insert_rows_one_table_at_a_time(conn, definition, now)
     assert _rows(pg_engine, at_once) == _rows(pg_engine, general)
     assert len(_rows(pg_engine, at_once)["streamflow_edges"]) == 2
+    # And so does an insert whose caller publishes the roots (they are written dispatched).
+    with transaction(pg_engine) as conn:
+        at_once = insert_workflow(conn, definition, now, dispatch=True)
+    with transaction(pg_engine) as conn:
+        general = insert_rows_one_table_at_a_time(conn, definition, now, dispatch=True)
+    assert _rows(pg_engine, at_once) == _rows(pg_engine, general)
+    steps = _rows(pg_engine, at_once)["streamflow_steps"]
+    dispatched = {r["name"]: r["dispatched_at"] for r in steps}
+    assert dispatched == {"cleanup": None, "fetch_customer": now, "sync_billing": None}
 
 
 def test_on_postgres_the_insert_notifies_the_dispatcher_only_with_a_root_to_run(
@@ -160,3 +169,8 @@ def test_on_postgres_the_insert_notifies_the_dispatcher_only_with_a_root_to_run(
         assert list(listener.notifies(timeout=0.3, stop_after=1)) == []
         Workflow.insert(customer_sync(), pg_engine)
         assert len(list(listener.notifies(timeout=5, stop_after=1))) == 1
+        # A caller that publishes the roots itself does not wake the dispatcher.
+        from ledger import operations
+
+        operations.insert(pg_engine, customer_sync().definition(), dispatch=True)
+        assert list(listener.notifies(timeout=0.3, stop_after=1)) == []
