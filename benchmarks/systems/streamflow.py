@@ -18,6 +18,11 @@ from benchmarks.workloads.body import read_timings
 from ledger.db import make_engine
 from ledger.migrate import upgrade
 from streamflow import Workflow
+from streamflow.streams import Publisher, StreamKeys, connect
+
+#: Submissions publish their first steps themselves (see `start`); False leaves them to
+#: the dispatcher, as an application without Redis access would.
+INSERT_PUBLISHES = True
 
 _TABLES = (
     "streamflow_workflows, streamflow_steps, streamflow_edges, streamflow_attempts, "
@@ -61,6 +66,9 @@ class StreamflowSystem(System):
         with engine.connect() as conn:  # the insert pool's first connection, made now
             conn.execute(text("SELECT 1"))
         redis_url = f"{self.ctx.redis.url}/{self.redis_db}"
+        # As an application with Redis would submit: the insert publishes the first
+        # steps itself (`Workflow.insert(..., publisher=...)`), no dispatcher in between.
+        self.publisher = Publisher(connect(redis_url), StreamKeys()) if INSERT_PUBLISHES else None
         env = env_for(timing_file, STREAMFLOW_DATABASE_URL=self.url, STREAMFLOW_REDIS_URL=redis_url)
         logs = timing_file.parent
         self.consumer = Proc(
@@ -110,7 +118,7 @@ class StreamflowSystem(System):
             if wait > 0:
                 time.sleep(wait)
             lag = max(lag, time.time() - due)
-            persisted = Workflow.insert(build(workload, i), self.engine)
+            persisted = Workflow.insert(build(workload, i), self.engine, publisher=self.publisher)
             self.ids[persisted.id] = i
             if i % 50 == 0:
                 self._check_alive()
