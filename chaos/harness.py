@@ -55,6 +55,9 @@ from chaos.workload import SHAPES, WorkloadItem, build_workload, describe
 from ledger import tables as t
 from ledger.db import make_engine
 from streamflow import Workflow
+from streamflow.streams import Publisher, StreamKeys
+from streamflow.streams import connect as connect_streams
+from streamflow.streams.seam import wrap_for_chaos
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The packages engine processes run from, copied once per session (see `snapshot_source`).
@@ -681,10 +684,24 @@ class _Run:
     # -- the ledger ------------------------------------------------------------------------
 
     def insert(self, items: list[WorkloadItem]) -> dict[int, str]:
+        """The odd-numbered workflows in one transaction, whose commit wakes the
+        dispatcher; the even-numbered ones each published by its own insert
+        (`publisher=`), its ready messages through this run's faults as any process's
+        are (a dropped one is the stale-dispatch sweep's to repair)."""
         ids: dict[int, str] = {}
         with self.engine.begin() as conn:
             for item in items:
-                ids[item.index] = Workflow.insert(item.workflow, conn).id
+                if item.index % 2:
+                    ids[item.index] = Workflow.insert(item.workflow, conn).id
+        plan = self.plan.for_process("inserter").to_json() if self.plan is not None else None
+        publisher = Publisher(
+            wrap_for_chaos(connect_streams(self.redis.url), plan), StreamKeys(prefix=STREAM_PREFIX)
+        )
+        for item in items:
+            if not item.index % 2:
+                ids[item.index] = Workflow.insert(
+                    item.workflow, self.engine, publisher=publisher
+                ).id
         return ids
 
     def progress(self) -> tuple[int, int, int, int]:
