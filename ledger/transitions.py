@@ -8,7 +8,7 @@ from collections.abc import Collection, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select, tuple_, update
+from sqlalchemy import ARRAY, Connection, String, bindparam, func, insert, select, tuple_, update
 
 from ledger import direct
 from ledger import tables as t
@@ -277,7 +277,10 @@ def mark_dispatched(
     candidates = list(candidates)
     marked: set[tuple[str, str]] = set()
     steps = [(r.workflow_id, r.step) for r in candidates if r.job != CALLBACK_JOB]
-    if steps:
+    if steps and conn.dialect.name == "postgresql":
+        params = {"b_wfs": [w for w, _ in steps], "b_names": [n for _, n in steps], "b_now": now}
+        marked.update((r["workflow_id"], r["name"]) for r in direct.rows(conn, _MARK_PG, params))
+    elif steps:
         rows = conn.execute(_MARK_STEPS_DISPATCHED, {"b_keys": steps, "b_now": now})
         marked.update((r.workflow_id, r.name) for r in rows)
     for r in candidates:
@@ -436,6 +439,27 @@ _MARK_STEPS_DISPATCHED = (
     .where(
         tuple_(_s.c.workflow_id, _s.c.name).in_(bindparam("b_keys", expanding=True)),
         _s.c.state == StepState.AVAILABLE.value,
+        _s.c.dispatched_at.is_(None),
+    )
+    .values(dispatched_at=bindparam("b_now", type_=_s.c.dispatched_at.type))
+    .returning(_s.c.workflow_id, _s.c.name)
+)
+#: PostgreSQL: the same, joined to the keys as unnested arrays, so each step is found by
+#: primary key whatever the statistics say, and one statement text serves every batch
+#: size (a list of pairs was a new statement, planned afresh, for each size).
+_mark_keys = (
+    func.unnest(
+        bindparam("b_wfs", type_=ARRAY(String())), bindparam("b_names", type_=ARRAY(String()))
+    )
+    .table_valued("workflow_id", "name")
+    .render_derived()
+)
+_MARK_PG = (
+    update(_s)
+    .where(
+        _s.c.workflow_id == _mark_keys.c.workflow_id,
+        _s.c.name == _mark_keys.c.name,
+        t.in_state(_s.c.state, StepState.AVAILABLE.value),
         _s.c.dispatched_at.is_(None),
     )
     .values(dispatched_at=bindparam("b_now", type_=_s.c.dispatched_at.type))
