@@ -99,14 +99,10 @@ _READ_ROWS = (
 #: and outcome row looked up by primary key for its event (LATERAL, as below). The lists
 #: of keys above let the planner scan the workflows, or OR together a bitmap per step,
 #: and cost 1.6 ms of planning a batch: each batch size was a new statement text.
-_events = (
-    func.unnest(
-        bindparam("b_wfs", type_=ARRAY(String())),
-        bindparam("b_steps", type_=ARRAY(String())),
-        bindparam("b_attempts", type_=ARRAY(Integer())),
-    )
-    .table_valued("workflow_id", "step", "attempt")
-    .render_derived()
+_events = t.unnested(
+    ("workflow_id", "b_wfs", String()),
+    ("step", "b_steps", String()),
+    ("attempt", "b_attempts", Integer()),
 )
 _event_workflow = select(_w.c.id).where(_w.c.id == _events.c.workflow_id).offset(0).lateral("ew")
 _event_step = (
@@ -157,13 +153,7 @@ _ACCOUNTED = select(_e.c.workflow_id, _e.c.dedupe_key, _e.c.classification).wher
 #: PostgreSQL: the same read, each pair looked up alone in that index (LATERAL, as below).
 #: A list of pairs left the planner to walk the index by workflow, or whole, with the
 #: pairs as a filter: 7 ms a batch on a 4,500-row table, growing with the ledger.
-_pair_keys = (
-    func.unnest(
-        bindparam("b_wfs", type_=ARRAY(String())), bindparam("b_keys", type_=ARRAY(String()))
-    )
-    .table_valued("workflow_id", "dedupe_key")
-    .render_derived()
-)
+_pair_keys = t.unnested(("workflow_id", "b_wfs", String()), ("dedupe_key", "b_keys", String()))
 _accounted_pair = (
     select(_e.c.workflow_id, _e.c.dedupe_key, _e.c.classification)
     .where(
@@ -242,13 +232,7 @@ _UNDISPATCHED_CHILDREN = (
 # primary key (LATERAL lookups the planner cannot flatten, as in `ledger.children`): a
 # plain join could scan the workflow's every step when its statistics say workflows are
 # small (1 ms an event on a 4,000-step chain).
-_pairs = (
-    func.unnest(
-        bindparam("b_wfs", type_=ARRAY(String())), bindparam("b_parents", type_=ARRAY(String()))
-    )
-    .table_valued("workflow_id", "parent")
-    .render_derived()
-)
+_pairs = t.unnested(("workflow_id", "b_wfs", String()), ("parent", "b_parents", String()))
 _child_edges = (
     select(_ed.c.workflow_id, _ed.c.parent, _ed.c.child)
     .where(_ed.c.workflow_id == _pairs.c.workflow_id, _ed.c.parent == _pairs.c.parent)

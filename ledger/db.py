@@ -16,7 +16,6 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import (
-    ARRAY,
     Connection,
     Engine,
     String,
@@ -149,7 +148,7 @@ _LOCK_WORKFLOW = _READ_WORKFLOW.with_for_update()
 # Each row is locked by primary key as the ids are unnested, in turn (LATERAL): as
 # `id = ANY(ids)` under a sort, the planner scanned the whole table when it was small
 # (1,500 rows: 0.56 ms a group, in the group commit's single lane).
-_lock_ids = func.unnest(bindparam("b_ids", type_=ARRAY(String))).table_valued("id").render_derived()
+_lock_ids = t.unnested(("id", "b_ids", String()))
 _locked_workflow = select(_w).where(_w.c.id == _lock_ids.c.id).with_for_update().lateral("lw")
 _LOCK_WORKFLOWS = select(_locked_workflow).select_from(_lock_ids.join(_locked_workflow, true()))
 _TOUCH_WORKFLOW = update(_w).where(_w.c.id == bindparam("b_id")).values(updated_at=_w.c.updated_at)

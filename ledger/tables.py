@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
     JSON,
     BigInteger,
     Boolean,
@@ -28,13 +29,16 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
+    func,
     literal_column,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.elements import ColumnElement
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.sql.selectable import TableValuedAlias
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -92,6 +96,16 @@ def in_state(column: ColumnElement[str], state: str) -> ColumnElement[bool]:
 def in_states(column: ColumnElement[str], states: Sequence[str]) -> ColumnElement[bool]:
     """`column IN ('a', 'b')`, the states written into the SQL text: see `in_state`."""
     return column.in_([_state_literal(column, state) for state in states])
+
+
+def unnested(*columns: tuple[str, str, TypeEngine[Any]]) -> TableValuedAlias:
+    """A batch's keys as a table: `unnest(:param, ...) AS (name, ...)`, one bound array
+    per `(name, param, type)`. Joined to a table by primary key (LATERAL, or an UPDATE's
+    FROM), each key is one index lookup whatever the statistics say, and one statement
+    text serves every batch size, where a list of keys was planned afresh for each."""
+    arrays = (bindparam(param, type_=ARRAY(type_)) for _, param, type_ in columns)
+    names = (name for name, _, _ in columns)
+    return func.unnest(*arrays).table_valued(*names).render_derived()
 
 
 def _state_literal(column: ColumnElement[str], state: str) -> ColumnElement[str]:

@@ -8,7 +8,7 @@ from collections.abc import Collection, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ARRAY, Connection, String, bindparam, func, insert, select, tuple_, update
+from sqlalchemy import Connection, String, bindparam, insert, select, tuple_, update
 
 from ledger import direct
 from ledger import tables as t
@@ -447,13 +447,7 @@ _MARK_STEPS_DISPATCHED = (
 #: PostgreSQL: the same, joined to the keys as unnested arrays, so each step is found by
 #: primary key whatever the statistics say, and one statement text serves every batch
 #: size (a list of pairs was a new statement, planned afresh, for each size).
-_mark_keys = (
-    func.unnest(
-        bindparam("b_wfs", type_=ARRAY(String())), bindparam("b_names", type_=ARRAY(String()))
-    )
-    .table_valued("workflow_id", "name")
-    .render_derived()
-)
+_mark_keys = t.unnested(("workflow_id", "b_wfs", String()), ("name", "b_names", String()))
 _MARK_PG = (
     update(_s)
     .where(

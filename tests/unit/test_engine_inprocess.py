@@ -108,20 +108,6 @@ class FlakyTransport(RedisTransport):
 
 
 @pytest.fixture
-def keys() -> StreamKeys:
-    return StreamKeys(prefix=f"unit{uuid.uuid4().hex[:12]}")
-
-
-@pytest.fixture
-def transport(keys: StreamKeys) -> Iterator[RedisTransport]:
-    transport = connect(None)
-    yield transport
-    mine = list(transport.client.scan_iter(match=keys.pattern))
-    if mine:
-        transport.client.delete(*mine)
-
-
-@pytest.fixture
 def perform_log(tmp_path: Path) -> Path:
     return tmp_path / "performs.jsonl"
 

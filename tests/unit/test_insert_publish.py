@@ -10,8 +10,6 @@ for any dispatcher that died there.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,23 +18,9 @@ from sqlalchemy import Engine, select
 from ledger import tables as t
 from streamflow import Workflow
 from streamflow.engine.maintenance import Maintenance
-from streamflow.streams import Publisher, StreamKeys, connect, decode_ready
+from streamflow.streams import Publisher, StreamKeys, decode_ready
 from streamflow.streams.transport import RedisTransport
 from tests.workers import Noop
-
-
-@pytest.fixture
-def keys() -> StreamKeys:
-    return StreamKeys(prefix=f"unit{uuid.uuid4().hex[:12]}")
-
-
-@pytest.fixture
-def transport(keys: StreamKeys) -> Iterator[RedisTransport]:
-    transport = connect(None)
-    yield transport
-    mine = list(transport.client.scan_iter(match=keys.pattern))
-    if mine:
-        transport.client.delete(*mine)
 
 
 class _Down:

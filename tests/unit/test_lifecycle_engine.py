@@ -26,7 +26,6 @@ from streamflow.streams import (
     ReadyMessage,
     RedisTransport,
     StreamKeys,
-    connect,
     decode_ready,
     encode,
 )
@@ -44,20 +43,6 @@ def until(check: Callable[[], T], what: str, timeout: float = 10.0) -> T:
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.01)
-
-
-@pytest.fixture
-def keys() -> StreamKeys:
-    return StreamKeys(prefix=f"life{uuid.uuid4().hex[:12]}")
-
-
-@pytest.fixture
-def transport(keys: StreamKeys) -> Iterator[RedisTransport]:
-    transport = connect(None)
-    yield transport
-    mine = list(transport.client.scan_iter(match=keys.pattern))
-    if mine:
-        transport.client.delete(*mine)
 
 
 @pytest.fixture

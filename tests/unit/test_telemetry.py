@@ -29,7 +29,7 @@ from streamflow import Dep, Workflow, telemetry
 from streamflow.engine.common import now_ms, utcnow
 from streamflow.engine.launch import EngineOptions, build_runner
 from streamflow.metrics import OTHER, PrometheusExporter, counter_name
-from streamflow.streams import ReadyMessage, RedisTransport, StreamKeys, connect, encode
+from streamflow.streams import ReadyMessage, RedisTransport, StreamKeys, encode
 from streamflow.telemetry import ALLOWED_METADATA, EVENTS, Event, TelemetryViolation
 from tests import engine_app as app
 from tests.workers import Noop
@@ -323,20 +323,6 @@ def _user_data(engine: Engine, workflow_ids: list[str]) -> set[str]:
                 ):
                     found |= _strings(payload)
     return found
-
-
-@pytest.fixture
-def keys() -> StreamKeys:
-    return StreamKeys(prefix=f"tele{uuid.uuid4().hex[:12]}")
-
-
-@pytest.fixture
-def transport(keys: StreamKeys) -> Iterator[RedisTransport]:
-    transport = connect(None)
-    yield transport
-    mine = list(transport.client.scan_iter(match=keys.pattern))
-    if mine:
-        transport.client.delete(*mine)
 
 
 def test_allow_list_holds_for_every_event_of_a_real_run(
