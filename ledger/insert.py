@@ -65,7 +65,7 @@ def insert_workflow(
     return workflow_id
 
 
-def _runnable_roots(definition: WorkflowDefinition) -> int:
+def _runnable_root_count(definition: WorkflowDefinition) -> int:
     # A root step awaiting a signal starts pending, its await already active.
     return sum(1 for s in definition.steps if not _starts_pending(s))
 
@@ -83,7 +83,7 @@ def runnable_roots(workflow_id: str, definition: WorkflowDefinition) -> tuple[Re
 def _workflow_row(
     workflow_id: str, definition: WorkflowDefinition, now: datetime
 ) -> dict[str, Any]:
-    roots = _runnable_roots(definition)
+    roots = _runnable_root_count(definition)
     return {
         "id": workflow_id,
         "name": definition.name,
@@ -108,7 +108,7 @@ def insert_rows_one_table_at_a_time(
     the PostgreSQL statement is tested against)."""
     workflow_id = new_workflow_id()
     conn.execute(_INSERT_WORKFLOW, _workflow_row(workflow_id, definition, now))
-    if _runnable_roots(definition) and not dispatch:
+    if _runnable_root_count(definition) and not dispatch:
         notify_dispatcher(conn)
     conn.execute(
         _INSERT_STEPS,
@@ -144,7 +144,7 @@ def _insert_at_once(
     array each — so a submission is one round trip before its commit, not four."""
     workflow_id = new_workflow_id()
     params = {f"bw_{k}": v for k, v in _workflow_row(workflow_id, definition, now).items()}
-    params["b_notify"] = _runnable_roots(definition) > 0 and not dispatch
+    params["b_notify"] = _runnable_root_count(definition) > 0 and not dispatch
     params["b_dispatched"] = dispatch
     params["b_steps"] = json.dumps(
         [
