@@ -142,12 +142,16 @@ _LOCK_EVENTS = text(
     "ORDER BY hashtext(k), k"
 )
 
-#: The accounted events among a batch's. The constants are inline so the partial unique
-#: index on accounted events (its predicate is the same) serves even a generic plan.
-_ACCOUNTED = select(_e.c.workflow_id, _e.c.dedupe_key, _e.c.classification).where(
-    tuple_(_e.c.workflow_id, _e.c.dedupe_key).in_(bindparam("keys", expanding=True)),
+#: An accounted event's evidence row: the predicate of the partial unique index on
+#: accounted events, with its constants inline so that index serves even a generic plan.
+_IS_ACCOUNTED = (
     _e.c.kind == literal_column("'event'"),
     _e.c.classification.in_([literal_column("'consumed'"), literal_column("'dropped'")]),
+)
+#: The accounted events among a batch's.
+_ACCOUNTED = select(_e.c.workflow_id, _e.c.dedupe_key, _e.c.classification).where(
+    tuple_(_e.c.workflow_id, _e.c.dedupe_key).in_(bindparam("keys", expanding=True)),
+    *_IS_ACCOUNTED,
 )
 
 #: PostgreSQL: the same read, each pair looked up alone in that index (LATERAL, as below).
@@ -159,8 +163,7 @@ _accounted_pair = (
     .where(
         _e.c.workflow_id == _pair_keys.c.workflow_id,
         _e.c.dedupe_key == _pair_keys.c.dedupe_key,
-        _e.c.kind == literal_column("'event'"),
-        _e.c.classification.in_([literal_column("'consumed'"), literal_column("'dropped'")]),
+        *_IS_ACCOUNTED,
     )
     .offset(0)
     .lateral("ae")
