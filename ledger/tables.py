@@ -211,8 +211,11 @@ steps = Table(
     _partial_index(
         "ix_streamflow_steps_lease_expiry", "lease_expires_at", where="state = 'executing'"
     ),
-    # The reconciler looks at steps that finished since its last pass.
-    Index("ix_streamflow_steps_finished_at", "finished_at"),
+    # The reconciler looks at steps that finished since its last pass. Unfinished steps
+    # are left out: an entry for their NULL would be written on every claim and release.
+    _partial_index(
+        "ix_streamflow_steps_finished_at", "finished_at", where="finished_at IS NOT NULL"
+    ),
 )
 
 edges = Table(

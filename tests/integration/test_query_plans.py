@@ -121,6 +121,10 @@ def test_the_hottest_statements_use_the_expected_indexes(planned: list[Planned])
     )
     # Pruning walks finished workflows oldest first.
     assert "ix_streamflow_workflows_finished_at" in indexes("SKIP LOCKED")
+    # The reconciler's look at steps finished since its last pass: `finished_at >= :since`
+    # implies the index's `finished_at IS NOT NULL`, so the partial index serves it.
+    finished = {"ix_streamflow_steps_finished_at", "bitmap: ix_streamflow_steps_finished_at"}
+    assert indexes("p.finished_at >=") & finished
 
 
 def test_a_statement_without_an_index_is_caught(seeded: Engine) -> None:
