@@ -13,7 +13,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, String, and_, cast, exists, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Exists,
+    String,
+    and_,
+    cast,
+    exists,
+    insert,
+    or_,
+    select,
+    update,
+)
 
 from ledger import tables as t
 from ledger.callback_jobs import undispatch_all_callbacks
@@ -23,10 +35,12 @@ from ledger.db import lock_event, lock_workflow
 from ledger.evidence import record_evidence
 from ledger.model import ReadyStep
 from ledger.recoveries import record_recovery
-from ledger.rules import TERMINAL_STATES, AwaitState, StepState
+from ledger.rules import TERMINAL_STATES, AwaitState, EdgePolicy, StepState
 from ledger.transitions import apply_changes, reconcile_descendants
 
 _TERMINAL = [s.value for s in TERMINAL_STATES]
+#: The terminal states that cancel a child through a `cancel` edge (`dependency_cancels`).
+_CANCELLING = [StepState.FAILED.value, StepState.CANCELLED.value]
 
 
 # -- passes ------------------------------------------------------------------------------
@@ -174,7 +188,13 @@ def repair_dropped_event(
 
 def find_unapplied_releases(conn: Connection, since: datetime, limit: int) -> list[tuple[str, str]]:
     """(workflow, parent) pairs: a step that finished since `since` and has a pending
-    child. Most are children legitimately waiting on other parents; the repair decides."""
+    child the rules would not leave waiting (`ledger.rules.decide_child`): every parent
+    of the child has ended, or one ended in a way that cancels it. The repair decides
+    the rest (an await may already be active, the release may have been applied since).
+
+    A child waiting on an unfinished parent is left out here, in the query: under a
+    fan-in every finished parent is such a pair until the last one ends, and repairing
+    each would take its workflow's lock to find nothing owed."""
     p, e, c = t.steps.alias("p"), t.edges, t.steps.alias("c")
     rows = conn.execute(
         select(p.c.workflow_id, p.c.name)
@@ -184,11 +204,32 @@ def find_unapplied_releases(conn: Connection, since: datetime, limit: int) -> li
             p.c.finished_at >= since,
             p.c.state.in_(_TERMINAL),
             c.c.state == StepState.PENDING.value,
+            # Not `wait`: no parent still unfinished, or one that cancels the child.
+            or_(
+                ~_a_parent(c, _q.c.state.not_in(_TERMINAL)),
+                _a_parent(
+                    c, _q.c.state.in_(_CANCELLING) & (_qe.c.policy == EdgePolicy.CANCEL.value)
+                ),
+            ),
         )
         .distinct()
         .limit(limit)
     ).all()
     return [(r.workflow_id, r.name) for r in rows]
+
+
+_qe, _q = t.edges.alias("qe"), t.steps.alias("q")
+
+
+def _a_parent(child: Any, condition: ColumnElement[bool]) -> Exists:
+    """EXISTS a parent of `child` (a steps alias) meeting `condition` (on `_qe`, `_q`)."""
+    return exists(
+        select(1)
+        .select_from(
+            _qe.join(_q, and_(_q.c.workflow_id == _qe.c.workflow_id, _q.c.name == _qe.c.parent))
+        )
+        .where(_qe.c.workflow_id == child.c.workflow_id, _qe.c.child == child.c.name, condition)
+    )
 
 
 def repair_releases(

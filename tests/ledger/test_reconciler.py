@@ -3,6 +3,7 @@ nothing at all when nothing is wrong — on both backends."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,8 +15,10 @@ from ledger import tables as t
 from ledger.claims import claim_step
 from ledger.consume import CompletionEventView, consume_completions
 from ledger.db import transaction
+from ledger.reconcile import find_unapplied_releases
+from ledger.rules import TERMINAL_STATES, DependencyView, EdgePolicy, StepState, decide_child
 from ledger.transitions import complete_step
-from streamflow import Workflow
+from streamflow import Dep, Workflow
 from streamflow.reconciler import Reconciler, ReconcilerConfig
 from streamflow.streams.keys import StreamKeys
 from tests.ledger.helpers import evidence, recount, states
@@ -70,6 +73,94 @@ def test_an_unapplied_release_is_applied_once(engine: Engine) -> None:
     assert Workflow.get(engine, wid).counters.as_dict() == recount(engine, wid)
     assert repairs(engine) == [("b", "release", summary.pass_id)]
     assert reconciler(engine).run_pass().total == 0
+
+
+def fan_in(*parents: str | Dep) -> Workflow:
+    """Parents `a`, `b`, ... and a `join` after all of them."""
+    wf = Workflow.new("fan")
+    for parent in parents:
+        wf = wf.add(parent.step if isinstance(parent, Dep) else parent, Noop.new())
+    return wf.add("join", Noop.new(), deps=list(parents))
+
+
+def finish_unapplied(engine: Engine, wid: str, step: str, state: str) -> None:
+    """`step` ends in `state`, as a recorded outcome whose release or cascade was lost."""
+    with engine.begin() as conn:
+        conn.execute(
+            update(t.steps)
+            .where(t.steps.c.workflow_id == wid, t.steps.c.name == step)
+            .values(state=state, attempt=1, finished_at=datetime.now(UTC))
+        )
+
+
+def release_candidates(engine: Engine) -> list[tuple[str, str]]:
+    with engine.connect() as conn:
+        return sorted(find_unapplied_releases(conn, LONG_AGO, 100))
+
+
+def test_a_join_still_waiting_on_a_parent_is_no_candidate(engine: Engine) -> None:
+    """A finished parent whose child waits on another, unfinished parent owes nothing:
+    under a fan-in every finished parent is such a pair until the last one ends, and
+    each pass used to take every one of those workflows' locks to find that out."""
+    wid = Workflow.insert(fan_in("a", "b", "c"), engine).id
+    finish_unapplied(engine, wid, "a", "completed")
+    finish_unapplied(engine, wid, "b", "completed")
+    assert release_candidates(engine) == []
+    assert reconciler(engine).run_pass().total == 0
+
+
+def test_a_parent_that_cancels_its_child_is_a_candidate_while_another_runs(
+    engine: Engine,
+) -> None:
+    wid = Workflow.insert(fan_in("a", "b"), engine).id
+    finish_unapplied(engine, wid, "a", "failed")  # b is still available
+    assert release_candidates(engine) == [(wid, "a")]
+    summary = reconciler(engine).run_pass()
+    assert summary.repairs.get("release") == 1
+    assert states(engine, wid)["join"] == "cancelled"
+
+
+def test_a_continue_edge_waits_like_any_other_until_every_parent_ends(engine: Engine) -> None:
+    wid = Workflow.insert(fan_in(Dep("a", "continue"), "b"), engine).id
+    finish_unapplied(engine, wid, "a", "failed")
+    assert release_candidates(engine) == []
+    finish_unapplied(engine, wid, "b", "completed")
+    assert release_candidates(engine) == [(wid, "a"), (wid, "b")]
+    assert reconciler(engine).run_pass().repairs.get("release") == 1
+    assert states(engine, wid)["join"] == "available"
+
+
+def test_the_candidates_are_the_rules_children_not_left_waiting(engine: Engine) -> None:
+    """Every combination of two parents' edge policies and states, against
+    `decide_child`: a finished parent is a candidate exactly when its pending child's
+    decision is not `wait`."""
+    combos = list(
+        itertools.product(
+            itertools.product(EdgePolicy, StepState), itertools.product(EdgePolicy, StepState)
+        )
+    )
+    expected: set[tuple[str, str]] = set()
+    for (pa, sa), (pb, sb) in combos:
+        wid = Workflow.insert(fan_in(Dep("a", pa.value), Dep("b", pb.value)), engine).id
+        for step, state in (("a", sa), ("b", sb)):
+            if state in TERMINAL_STATES:
+                finish_unapplied(engine, wid, step, state.value)
+            else:
+                with engine.begin() as conn:
+                    conn.execute(
+                        update(t.steps)
+                        .where(t.steps.c.workflow_id == wid, t.steps.c.name == step)
+                        .values(state=state.value)
+                    )
+        deps = [DependencyView("a", sa, pa), DependencyView("b", sb, pb)]
+        if decide_child(deps).kind != "wait":
+            expected |= {
+                (wid, step) for step, st in (("a", sa), ("b", sb)) if st in TERMINAL_STATES
+            }
+    with engine.connect() as conn:
+        found = set(find_unapplied_releases(conn, LONG_AGO, 10_000))
+    assert found == expected
+    assert expected  # the combinations include children owed a change
 
 
 def worker_outcome(engine: Engine, wid: str, step: str, at: datetime) -> None:
