@@ -3,6 +3,7 @@
     python -m benchmarks.profile                       # 1,500 chains (4,500 steps)
     python -m benchmarks.profile --workflows 300 --out /tmp/prof
     python -m benchmarks.profile --chain 2000          # W3's shape: one chain alone
+    python -m benchmarks.profile --fan 300             # W2's shape: root -> 10 -> join
 
 Runs W1 through the same harness as the suite, with `py-spy record` attached to the
 worker and to the consume process: CPU samples; the worker also with --idle, so waiting
@@ -98,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         help="Profile W3's shape instead: one chain of STEPS steps run alone, where each "
         "hop's time goes (read worker-idle: the step thread's wall clock).",
     )
+    p.add_argument(
+        "--fan",
+        type=int,
+        metavar="WORKFLOWS",
+        help="Profile W2's shape instead: WORKFLOWS workflows of root -> 10 parallel -> join.",
+    )
     p.add_argument("--database-url", default=DEFAULT_PG)
     p.add_argument(
         "--out",
@@ -116,11 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     recorders: list[subprocess.Popen[bytes]] = []
     if args.chain is not None and args.chain < 2:
         p.error("--chain needs at least 2 steps (a hop is between two)")
-    workload = (
-        Workload("w3", "W3 profile", "chain", args.chain, 1)
-        if args.chain
-        else Workload("w1", "W1 profile", "chain", 3, args.workflows)
-    )
+    if args.fan is not None and args.fan < 1:
+        p.error("--fan needs at least 1 workflow")
+    if args.chain is not None and args.fan is not None:
+        p.error("choose one shape: --chain or --fan")
+    if args.chain:
+        workload = Workload("w3", "W3 profile", "chain", args.chain, 1)
+    elif args.fan:
+        workload = Workload("w2", "W2 profile", "fan", 10, args.fan)
+    else:
+        workload = Workload("w1", "W1 profile", "chain", 3, args.workflows)
     try:
         with disposable_redis(None) as redis:
             system = StreamflowSystem(Ctx(pg, args.database_url, redis, workdir))
