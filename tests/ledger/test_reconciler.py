@@ -130,6 +130,21 @@ def test_a_continue_edge_waits_like_any_other_until_every_parent_ends(engine: En
     assert states(engine, wid)["join"] == "available"
 
 
+def test_an_owed_release_is_found_whatever_waits_in_fan_ins(engine: Engine) -> None:
+    """A pass takes `batch` candidates and looks only at steps finished since the last
+    pass: finished parents waiting in fan-ins used to fill the batch, and a release owed
+    behind them (a later workflow id) was never looked at again."""
+    for _ in range(3):
+        wid = Workflow.insert(fan_in("a", "b", "c"), engine).id
+        finish_unapplied(engine, wid, "a", "completed")
+        finish_unapplied(engine, wid, "b", "completed")
+    lost = Workflow.insert(chain(), engine).id
+    finish_unapplied(engine, lost, "a", "completed")
+    summary = reconciler(engine, batch=2).run_pass()
+    assert summary.repairs.get("release") == 1
+    assert states(engine, lost) == {"a": "completed", "b": "available"}
+
+
 def test_the_candidates_are_the_rules_children_not_left_waiting(engine: Engine) -> None:
     """Every combination of two parents' edge policies and states, against
     `decide_child`: a finished parent is a candidate exactly when its pending child's
