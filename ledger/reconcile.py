@@ -63,13 +63,27 @@ def finish_pass(conn: Connection, pass_id: int, summary: dict[str, Any], now: da
     )
 
 
-def last_pass_start(conn: Connection) -> datetime | None:
-    """When the latest finished pass started: the next pass looks at what changed since."""
+#: In a pass's summary: where the next pass must look from, when this one found more
+#: to repair than one batch and left the rest (ISO 8601).
+RESUME_FROM = "resume_from"
+
+
+def resume_point(conn: Connection) -> datetime | None:
+    """Where the next pass looks from: when the latest finished pass started — or, if
+    that pass left findings behind (a batch filled), where it looked from itself, so
+    what it left stays in the next pass's window. None before the first pass."""
     p = t.reconciler_passes
     # Newest first by primary key: an index walk however many passes are on record.
-    return conn.execute(
-        select(p.c.started_at).where(p.c.finished_at.is_not(None)).order_by(p.c.id.desc()).limit(1)
-    ).scalar()
+    row = conn.execute(
+        select(p.c.started_at, p.c.summary)
+        .where(p.c.finished_at.is_not(None))
+        .order_by(p.c.id.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    left = (row.summary or {}).get(RESUME_FROM)
+    return datetime.fromisoformat(left) if left else row.started_at
 
 
 # -- completion events that never arrived ---------------------------------------------

@@ -42,13 +42,14 @@ from ledger import tables as t
 from ledger.callback_jobs import callback_state, expire_callback_leases
 from ledger.model import CALLBACK_JOB, ReadyStep
 from ledger.reconcile import (
+    RESUME_FROM,
     find_dropped_events,
     find_unapplied_releases,
     finish_pass,
-    last_pass_start,
     live_queues,
     repair_dropped_event,
     repair_releases,
+    resume_point,
     start_pass,
     undispatch_all_available,
 )
@@ -154,9 +155,10 @@ class Reconciler:
         cfg = self.config
         clock = time.perf_counter()
         now = utcnow()
-        previous = in_transaction(self.engine, last_pass_start)
+        previous = in_transaction(self.engine, resume_point)
         pass_id = in_transaction(self.engine, lambda c: start_pass(c, self.host, now))
-        since = (previous or now - cfg.first_lookback) - cfg.overlap
+        looked_from = previous or now - cfg.first_lookback
+        since = looked_from - cfg.overlap
         counts: Counter[str] = Counter()
         to_publish: list[ReadyStep] = []
 
@@ -184,8 +186,13 @@ class Reconciler:
         )
         counts["retry_due"] += len(promoted)
 
-        counts["dropped_event"] += self._dropped_events(since, now, pass_id)
-        counts["release"] += self._releases(since, now, pass_id)
+        dropped, dropped_full = self._dropped_events(since, now, pass_id)
+        released, releases_full = self._releases(since, now, pass_id)
+        counts["dropped_event"] += dropped
+        counts["release"] += released
+        # A windowed search that filled its batch left findings behind: the next pass
+        # must look again from `looked_from`, not from this pass's start.
+        left_behind = dropped_full or releases_full
 
         stale = in_transaction(
             self.engine,
@@ -218,6 +225,7 @@ class Reconciler:
                     "repairs": repairs,
                     "dispatched": len(undispatched),
                     "duration_ms": round(duration, 2),
+                    **({RESUME_FROM: looked_from.isoformat()} if left_behind else {}),
                 },
                 utcnow(),
             ),
@@ -227,7 +235,8 @@ class Reconciler:
 
     # -- the repairs that need more than one query ------------------------------------
 
-    def _dropped_events(self, since: datetime, now: datetime, pass_id: int) -> int:
+    def _dropped_events(self, since: datetime, now: datetime, pass_id: int) -> tuple[int, bool]:
+        """Repair dropped events; (repaired, whether the search filled its batch)."""
         cfg = self.config
         until = now - cfg.dropped_after
         candidates = in_transaction(
@@ -250,9 +259,10 @@ class Reconciler:
                 ),
             )
             repaired += done is not None
-        return repaired
+        return repaired, len(candidates) >= cfg.batch
 
-    def _releases(self, since: datetime, now: datetime, pass_id: int) -> int:
+    def _releases(self, since: datetime, now: datetime, pass_id: int) -> tuple[int, bool]:
+        """Apply owed releases; (steps changed, whether the search filled its batch)."""
         pairs = in_transaction(
             self.engine, lambda c: find_unapplied_releases(c, since, self.config.batch)
         )
@@ -266,7 +276,7 @@ class Reconciler:
                     ),
                 )
             )
-        return changed
+        return changed, len(pairs) >= self.config.batch
 
     def _check_streams(self, pass_id: int, first: bool) -> int:
         """Recreate groups; if a partition lost its data, re-dispatch everything available.

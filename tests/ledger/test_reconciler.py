@@ -15,7 +15,7 @@ from ledger import tables as t
 from ledger.claims import claim_step
 from ledger.consume import CompletionEventView, consume_completions
 from ledger.db import transaction
-from ledger.reconcile import find_unapplied_releases
+from ledger.reconcile import find_unapplied_releases, resume_point
 from ledger.rules import TERMINAL_STATES, DependencyView, EdgePolicy, StepState, decide_child
 from ledger.transitions import complete_step
 from streamflow import Dep, Workflow
@@ -143,6 +143,25 @@ def test_an_owed_release_is_found_whatever_waits_in_fan_ins(engine: Engine) -> N
     summary = reconciler(engine, batch=2).run_pass()
     assert summary.repairs.get("release") == 1
     assert states(engine, lost) == {"a": "completed", "b": "available"}
+
+
+def test_a_pass_that_filled_its_batch_leaves_the_rest_to_the_next_one(engine: Engine) -> None:
+    """Each pass looks at what finished since the previous pass started. A pass that
+    found more than `batch` to repair must not move that point on, or what it left
+    behind falls out of every later window (here with no overlap to hide it)."""
+    lost = []
+    for _ in range(5):
+        wid = Workflow.insert(chain(), engine).id
+        finish_unapplied(engine, wid, "a", "completed")
+        lost.append(wid)
+    rec = reconciler(engine, batch=2, overlap=timedelta(0))
+    made = [rec.run_pass().repairs.get("release", 0) for _ in range(4)]
+    assert made == [2, 2, 1, 0]
+    assert all(states(engine, wid)["b"] == "available" for wid in lost)
+    # Once a pass found less than a batch, the next looks only from its start again.
+    with engine.connect() as conn:
+        latest = conn.execute(select(func.max(t.reconciler_passes.c.started_at))).scalar_one()
+        assert resume_point(conn) == latest
 
 
 def test_the_candidates_are_the_rules_children_not_left_waiting(engine: Engine) -> None:
