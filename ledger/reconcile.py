@@ -200,11 +200,15 @@ def repair_dropped_event(
 # -- releases that were never applied ---------------------------------------------------
 
 
+#: A child's parents, for the release finder's EXISTS tests.
+_qe, _q = t.edges.alias("qe"), t.steps.alias("q")
+
+
 def find_unapplied_releases(conn: Connection, since: datetime, limit: int) -> list[tuple[str, str]]:
     """(workflow, parent) pairs: a step that finished since `since` and has a pending
-    child the rules would not leave waiting (`ledger.rules.decide_child`): every parent
-    of the child has ended, or one ended in a way that cancels it. The repair decides
-    the rest (an await may already be active, the release may have been applied since).
+    child owed a change (`child_is_owed` of `ledger.rules.decide_child`): one of its parents
+    ended in a way that cancels it, or every parent has ended and it is not already
+    waiting for its signal. The repair checks again under the workflow's lock.
 
     A child waiting on an unfinished parent is left out here, in the query: under a
     fan-in every finished parent is such a pair until the last one ends, and repairing
@@ -218,21 +222,20 @@ def find_unapplied_releases(conn: Connection, since: datetime, limit: int) -> li
             p.c.finished_at >= since,
             p.c.state.in_(_TERMINAL),
             c.c.state == StepState.PENDING.value,
-            # Not `wait`: no parent still unfinished, or one that cancels the child.
+            # What `child_is_owed` asks of `decide_child`: a parent that cancels the child, or
+            # none still unfinished and no await already active (a step released by a
+            # signal held for it is owed; one still waiting for its signal is not).
             or_(
-                ~_a_parent(c, _q.c.state.not_in(_TERMINAL)),
                 _a_parent(
                     c, _q.c.state.in_(_CANCELLING) & (_qe.c.policy == EdgePolicy.CANCEL.value)
                 ),
+                ~_a_parent(c, _q.c.state.not_in(_TERMINAL)) & ~_active_await(c),
             ),
         )
         .distinct()
         .limit(limit)
     ).all()
     return [(r.workflow_id, r.name) for r in rows]
-
-
-_qe, _q = t.edges.alias("qe"), t.steps.alias("q")
 
 
 def _a_parent(child: Any, condition: ColumnElement[bool]) -> Exists:
@@ -243,6 +246,19 @@ def _a_parent(child: Any, condition: ColumnElement[bool]) -> Exists:
             _qe.join(_q, and_(_q.c.workflow_id == _qe.c.workflow_id, _q.c.name == _qe.c.parent))
         )
         .where(_qe.c.workflow_id == child.c.workflow_id, _qe.c.child == child.c.name, condition)
+    )
+
+
+def _active_await(child: Any) -> Exists:
+    """EXISTS an await of `child` already activated (or closed), with no signal held."""
+    aw = t.awaits
+    return exists(
+        select(1).where(
+            aw.c.workflow_id == child.c.workflow_id,
+            aw.c.step == child.c.name,
+            aw.c.signal_id.is_(None),
+            aw.c.state != AwaitState.PENDING.value,
+        )
     )
 
 
@@ -258,7 +274,7 @@ def repair_releases(
     owed = [
         kid.name
         for kid in children_with_deps(conn, workflow_id, parent)
-        if kid.state is StepState.PENDING and _owed(kid.decide().kind, kid.await_state)
+        if kid.state is StepState.PENDING and child_is_owed(kid.decide().kind, kid.await_state)
     ]
     if not owed:
         return []
@@ -287,7 +303,7 @@ def repair_releases(
     return changed
 
 
-def _owed(decision: str, await_state: AwaitState | None) -> bool:
+def child_is_owed(decision: str, await_state: AwaitState | None) -> bool:
     """A pending child is owed a change: a release or a cascade, or — its dependencies
     satisfied and its signal not here — the activation of its await."""
     if decision == "await":

@@ -15,8 +15,15 @@ from ledger import tables as t
 from ledger.claims import claim_step
 from ledger.consume import CompletionEventView, consume_completions
 from ledger.db import transaction
-from ledger.reconcile import find_unapplied_releases, resume_point
-from ledger.rules import TERMINAL_STATES, DependencyView, EdgePolicy, StepState, decide_child
+from ledger.reconcile import child_is_owed, find_unapplied_releases, resume_point
+from ledger.rules import (
+    TERMINAL_STATES,
+    AwaitState,
+    DependencyView,
+    EdgePolicy,
+    StepState,
+    decide_child,
+)
 from ledger.transitions import complete_step
 from streamflow import Dep, Workflow
 from streamflow.reconciler import Reconciler, ReconcilerConfig
@@ -75,12 +82,12 @@ def test_an_unapplied_release_is_applied_once(engine: Engine) -> None:
     assert reconciler(engine).run_pass().total == 0
 
 
-def fan_in(*parents: str | Dep) -> Workflow:
-    """Parents `a`, `b`, ... and a `join` after all of them."""
+def fan_in(*parents: str | Dep, awaits: bool = False) -> Workflow:
+    """Parents `a`, `b`, ... and a `join` after all of them (awaiting signal `go`)."""
     wf = Workflow.new("fan")
     for parent in parents:
         wf = wf.add(parent.step if isinstance(parent, Dep) else parent, Noop.new())
-    return wf.add("join", Noop.new(), deps=list(parents))
+    return wf.add("join", Noop.new(), deps=list(parents), await_signal="go" if awaits else None)
 
 
 def finish_unapplied(engine: Engine, wid: str, step: str, state: str) -> None:
@@ -164,30 +171,71 @@ def test_a_pass_that_filled_its_batch_leaves_the_rest_to_the_next_one(engine: En
         assert resume_point(conn) == latest
 
 
-def test_the_candidates_are_the_rules_children_not_left_waiting(engine: Engine) -> None:
-    """Every combination of two parents' edge policies and states, against
-    `decide_child`: a finished parent is a candidate exactly when its pending child's
-    decision is not `wait`."""
-    combos = list(
-        itertools.product(
-            itertools.product(EdgePolicy, StepState), itertools.product(EdgePolicy, StepState)
+def awaiting_join(engine: Engine, await_state: str) -> str:
+    """`a` finished (its release lost) and `b` awaits signal `go` after it, its await
+    in `await_state`."""
+    wf = Workflow.new("w").add("a", Noop.new()).add("b", Noop.new(), deps=["a"], await_signal="go")
+    wid = Workflow.insert(wf, engine).id
+    finish_unapplied(engine, wid, "a", "completed")
+    with engine.begin() as conn:
+        conn.execute(
+            update(t.awaits)
+            .where(t.awaits.c.workflow_id == wid, t.awaits.c.step == "b")
+            .values(state=await_state)
         )
+    return wid
+
+
+def test_a_child_whose_await_is_active_is_no_candidate(engine: Engine) -> None:
+    """Its dependencies are met and it waits for its signal, perhaps for days: nothing is
+    owed. As a candidate it would come back every pass, and enough of them would fill
+    every batch and hold the window where it is."""
+    awaiting_join(engine, "waiting")
+    assert release_candidates(engine) == []
+
+
+def test_a_child_whose_await_was_never_activated_is_a_candidate(engine: Engine) -> None:
+    wid = awaiting_join(engine, "pending")
+    assert release_candidates(engine) == [(wid, "a")]
+    assert reconciler(engine).run_pass().repairs.get("release") == 1
+    with engine.connect() as conn:
+        state = conn.execute(
+            select(t.awaits.c.state).where(t.awaits.c.workflow_id == wid)
+        ).scalar_one()
+    assert state == "waiting"
+    assert release_candidates(engine) == []
+
+
+def test_the_candidates_are_the_children_the_rules_say_are_owed(engine: Engine) -> None:
+    """Every combination of two parents' edge policies and states and the child's await
+    (none, not yet active, active), against `decide_child` and the repair's `child_is_owed`: a
+    finished parent is a candidate exactly when its pending child is owed a change."""
+    combos = itertools.product(
+        itertools.product(EdgePolicy, StepState),
+        itertools.product(EdgePolicy, StepState),
+        (None, AwaitState.PENDING, AwaitState.WAITING),
     )
     expected: set[tuple[str, str]] = set()
-    for (pa, sa), (pb, sb) in combos:
-        wid = Workflow.insert(fan_in(Dep("a", pa.value), Dep("b", pb.value)), engine).id
-        for step, state in (("a", sa), ("b", sb)):
-            if state in TERMINAL_STATES:
-                finish_unapplied(engine, wid, step, state.value)
-            else:
-                with engine.begin() as conn:
-                    conn.execute(
-                        update(t.steps)
-                        .where(t.steps.c.workflow_id == wid, t.steps.c.name == step)
-                        .values(state=state.value)
-                    )
+    for (pa, sa), (pb, sb), await_state in combos:
+        wf = fan_in(Dep("a", pa.value), Dep("b", pb.value), awaits=await_state is not None)
+        wid = Workflow.insert(wf, engine).id
+        with engine.begin() as conn:
+            for step, state in (("a", sa), ("b", sb)):
+                finished = datetime.now(UTC) if state in TERMINAL_STATES else None
+                conn.execute(
+                    update(t.steps)
+                    .where(t.steps.c.workflow_id == wid, t.steps.c.name == step)
+                    .values(state=state.value, finished_at=finished)
+                )
+            if await_state is not None:
+                conn.execute(
+                    update(t.awaits)
+                    .where(t.awaits.c.workflow_id == wid)
+                    .values(state=await_state.value)
+                )
         deps = [DependencyView("a", sa, pa), DependencyView("b", sb, pb)]
-        if decide_child(deps).kind != "wait":
+        decision = decide_child(deps, awaiting_signal=await_state is not None)
+        if child_is_owed(decision.kind, await_state):
             expected |= {
                 (wid, step) for step, st in (("a", sa), ("b", sb)) if st in TERMINAL_STATES
             }
