@@ -50,7 +50,7 @@ PARTITIONS = 4
 PARTITIONED = ("streamflow_steps", "streamflow_evidence")
 
 
-def _disposable(postgres_url: str) -> Iterator[tuple[str, Engine]]:
+def _disposable(postgres_url: str, revision: str | None = None) -> Iterator[tuple[str, Engine]]:
     base = make_url(postgres_url)
     admin = create_engine(base, isolation_level="AUTOCOMMIT")
     name = f"streamflow_part_{uuid.uuid4().hex[:10]}"
@@ -59,7 +59,7 @@ def _disposable(postgres_url: str) -> Iterator[tuple[str, Engine]]:
     url = base.set(database=name).render_as_string(hide_password=False)
     engine = make_engine(url)
     try:
-        upgrade(engine)
+        upgrade(engine, revision)
         yield url, engine
     finally:
         engine.dispose()
@@ -226,6 +226,28 @@ def _workflow_ids(engine: Engine) -> list[str]:
         return list(
             conn.execute(select(t.workflows.c.id).order_by(t.workflows.c.created_at)).scalars()
         )
+
+
+def test_a_ledger_partitioned_at_0006_takes_the_later_revisions(postgres_url: str) -> None:
+    """The partitioning branch needs 0006; a ledger partitioned then must still take the
+    main history's later revisions (0007 rebuilds an index of the partitioned steps)."""
+    for _, engine in _disposable(postgres_url, revision="0006"):
+        partition_ledger(engine, PARTITIONS)
+        upgrade(engine)
+        with engine.connect() as conn:
+            assert current_revision(conn) == head_revision()
+            assert partition_count(conn) == PARTITIONS
+            rows = conn.execute(
+                text(
+                    "SELECT c.relname, pg_get_expr(x.indpred, x.indrelid) FROM pg_index x"
+                    " JOIN pg_class c ON c.oid = x.indexrelid"
+                    " WHERE c.relname LIKE 'streamflow_steps%finished_at%'"
+                    " OR c.relname = 'ix_streamflow_steps_finished_at'"
+                )
+            ).all()
+        # The partitioned index and one per partition, each over finished steps only.
+        assert len(rows) == PARTITIONS + 1
+        assert all(predicate == "(finished_at IS NOT NULL)" for _, predicate in rows)
 
 
 def test_workflows_run_the_same_on_partitioned_tables(
