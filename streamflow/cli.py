@@ -966,6 +966,8 @@ def reconcile(
         out.print(f"pass {summary.pass_id}: {summary.total} repairs ({summary.duration_ms:.1f} ms)")
         for kind, count in sorted(summary.repairs.items()):
             out.print(f"  {kind:<16} {count}")
+        if summary.more_to_repair:
+            out.print("  more to repair than one pass takes: the next pass goes on from here")
         return
     logs.configure()
     runner = Runner()

@@ -100,6 +100,8 @@ class PassSummary:
     started_at: datetime
     duration_ms: float
     repairs: dict[str, int] = field(default_factory=dict)
+    #: A search filled its batch: the next pass goes on from where this one looked.
+    more_to_repair: bool = False
 
     @property
     def total(self) -> int:
@@ -112,6 +114,7 @@ class PassSummary:
             "duration_ms": round(self.duration_ms, 2),
             "repairs": dict(self.repairs),
             "total": self.total,
+            "more_to_repair": self.more_to_repair,
         }
 
 
@@ -215,7 +218,7 @@ class Reconciler:
 
         duration = (time.perf_counter() - clock) * 1000
         repairs = {k: v for k, v in counts.items() if v}
-        summary = PassSummary(pass_id, now, duration, repairs)
+        summary = PassSummary(pass_id, now, duration, repairs, more_to_repair=left_behind)
         in_transaction(
             self.engine,
             lambda c: finish_pass(

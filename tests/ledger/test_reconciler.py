@@ -162,8 +162,11 @@ def test_a_pass_that_filled_its_batch_leaves_the_rest_to_the_next_one(engine: En
         finish_unapplied(engine, wid, "a", "completed")
         lost.append(wid)
     rec = reconciler(engine, batch=2, overlap=timedelta(0))
-    made = [rec.run_pass().repairs.get("release", 0) for _ in range(4)]
-    assert made == [2, 2, 1, 0]
+    passes = [rec.run_pass() for _ in range(4)]
+    assert [p.repairs.get("release", 0) for p in passes] == [2, 2, 1, 0]
+    # A pass says it left work behind (the CLI and its log line show it).
+    assert [p.more_to_repair for p in passes] == [True, True, False, False]
+    assert passes[0].as_dict()["more_to_repair"] is True
     assert all(states(engine, wid)["b"] == "available" for wid in lost)
     # Once a pass found less than a batch, the next looks only from its start again.
     with engine.connect() as conn:
