@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import Connection, Engine, select
 from sqlalchemy import event as sa_event
 
@@ -218,3 +219,110 @@ def test_an_outcome_that_claims_its_hand_off_is_still_three_statements_on_postgr
         "b": 2,
     }
     assert len(sent) == 3, "\n".join(sent)
+
+
+# -- several children handed off by one outcome ------------------------------------------------
+
+
+def wide() -> Workflow:
+    """root -> five children of the served queue (c4 the most urgent), one elsewhere."""
+    wf = Workflow.new("wide").add("root", Noop.new({"n": 0}))
+    for n in range(5):
+        wf = wf.add(f"c{n}", Noop.new({"n": n}, priority=9 if n == 4 else 0), deps=["root"])
+    return wf.add("other", Emails.new(), deps=["root"])
+
+
+def finish_root(engine: Engine, wid: str, limit: int, owner: str | None = "w1") -> Any:
+    with transaction(engine) as conn:
+        return complete_job(
+            conn,
+            "step",
+            wid,
+            "root",
+            "completed",
+            {"from": "root"},
+            attempt=1,
+            source="worker",
+            now=NOW,
+            dispatch=True,
+            hand_off_queues=("default",),
+            hand_off_owner=owner,
+            hand_off_lease_seconds=60,
+            hand_off_limit=limit,
+        )
+
+
+def test_an_outcome_hands_off_up_to_its_limit_most_urgent_first(engine: Engine) -> None:
+    """A worker with idle slots takes as many released children as it can run at once, in
+    the outcome's transaction: each an ordinary claim, none published. The rest are
+    dispatched as usual, and a queue the worker does not serve is never handed to it."""
+    wid = Workflow.insert(wide(), engine).id
+    claim_all(engine, wid, "root")
+    r = finish_root(engine, wid, limit=3)
+    assert r.hand_off == ReadyStep(wid, "c4", "default", 9)
+    assert r.hand_off_claim is not None and r.hand_off_claim.step == "c4"
+    assert [h.step for h in r.extra_hand_offs] == ["c0", "c1"]
+    claims = [r.hand_off_claim, *r.extra_hand_off_claims]
+    assert [(c.step, c.attempt, c.lease_owner) for c in claims] == [
+        ("c4", 1, "w1"),
+        ("c0", 1, "w1"),
+        ("c1", 1, "w1"),
+    ]
+    assert all(c.lease_expires_at == NOW + timedelta(seconds=60) for c in claims)
+    assert all(c.dependency_results == {"root": {"from": "root"}} for c in claims)
+    assert [c.args for c in claims] == [{"n": 4}, {"n": 0}, {"n": 1}]
+    assert sorted(r.step for r in r.ready) == ["c2", "c3", "other"]
+    assert states(engine, wid) == {
+        "root": "completed",
+        **{f"c{n}": "executing" for n in (4, 0, 1)},
+        **{f"c{n}": "available" for n in (2, 3)},
+        "other": "available",
+    }
+    assert dispatched(engine, wid) == {
+        "root": False,
+        **{f"c{n}": n in (2, 3) for n in range(5)},
+        "other": True,
+    }
+    assert counters(engine, wid) == recount(engine, wid)
+
+
+def test_a_limit_above_the_children_takes_them_all_and_publishes_none_of_them(
+    engine: Engine,
+) -> None:
+    wid = Workflow.insert(wide(), engine).id
+    claim_all(engine, wid, "root")
+    r = finish_root(engine, wid, limit=10)
+    assert len(r.extra_hand_off_claims) == 4 and r.hand_off_claim is not None
+    assert [x.step for x in r.ready] == ["other"]
+    assert counters(engine, wid) == recount(engine, wid)
+
+
+def test_without_an_owner_the_extra_hand_offs_are_left_for_the_caller(engine: Engine) -> None:
+    """`complete_step` alone leaves every hand-off undispatched and unclaimed, as it does
+    the first one: the caller claims them in its transaction."""
+    wid = Workflow.insert(wide(), engine).id
+    claim_all(engine, wid, "root")
+    with transaction(engine) as conn:
+        r = complete_step(
+            conn,
+            wid,
+            "root",
+            "completed",
+            1,
+            now=NOW,
+            dispatch=True,
+            hand_off_queues=("default",),
+            hand_off_limit=2,
+        )
+    assert r.hand_off is not None and r.hand_off.step == "c4" and r.hand_off_claim is None
+    assert [h.step for h in r.extra_hand_offs] == ["c0"] and r.extra_hand_off_claims == ()
+    assert not dispatched(engine, wid)["c0"] and not dispatched(engine, wid)["c4"]
+    assert sorted(x.step for x in r.ready) == ["c1", "c2", "c3", "other"]
+
+
+def test_a_hand_off_limit_must_be_positive(engine: Engine) -> None:
+    wid = Workflow.insert(wide(), engine).id
+    claim_all(engine, wid, "root")
+    with pytest.raises(ValueError, match="hand_off_limit"):
+        finish_root(engine, wid, limit=0)
+    assert states(engine, wid)["root"] == "executing", "nothing was written"
