@@ -607,7 +607,8 @@ def match_faults(
     Ready messages (identity: workflow id and step), counted per step since a step may
     be dispatched several times:
       drop, or a delay never released  <-> a redispatch/streams_reset/pending_entry
-                                            recovery row for the step, or, when an older
+                                            recovery row for the step made after it
+                                            (each row answers one loss), or, when an older
                                             message claimed the step first so nothing
                                             had to be sent again, the delivery row that
                                             records that stale claim
@@ -684,8 +685,9 @@ def match_faults(
     for k, faults in by_step.items():
         step_recs = [r for r in recs.get(k, []) if r.repair in READY_REPAIRS]
         step_dels = deliveries.get(k, [])
-        free_recs, free_dels = len(step_recs), len(step_dels)
+        free_dels = len(step_dels)
         leftovers: list[Fault] = []
+        losses: list[Fault] = []
         # Rows go first to faults whose copies did not go down with Redis: those that did
         # are accounted for without a row.
         order = sorted(faults, key=lambda f: (went_down_with_redis(f), _ORDER.index(f.kind), f.t))
@@ -693,11 +695,8 @@ def match_faults(
             m = line(f)
             m.injected += 1
             if f.kind in ("drop", "delay_unreleased"):
-                if free_recs:
-                    free_recs -= 1
-                    used_recs += 1
-                    m.matched += 1
-                    continue
+                losses.append(f)
+                continue
             elif f.kind in ("duplicate", "replay"):
                 if free_dels:
                     free_dels -= 1
@@ -715,16 +714,31 @@ def match_faults(
                     m.matched += 1
                     continue
             leftovers.append(f)
-        stale = sorted(e.created_at for e in step_dels if e.reason == STALE_CLAIM)
+        # A lost message is answered by a row made after it: the step sent again (a
+        # recovery), or a stale copy that claimed it first, so nobody had to (the stale
+        # claim's delivery row, which also answers that copy's own fault). The latest
+        # loss takes the earliest row after it, and so on back: this pairs every loss
+        # that any pairing could (assigned in time order by count, a recovery made for
+        # the second of two losses once went to the first, and the second had no row).
+        answers = sorted(
+            [(r.created_at, False) for r in step_recs]
+            + [(e.created_at, True) for e in step_dels if e.reason == STALE_CLAIM]
+        )
+        for f in sorted(losses, key=lambda f: (went_down_with_redis(f), -f.t)):
+            m = line(f)
+            answer = next((a for a in answers if a[0] >= f.t - TOLERANCE_S), None)
+            if answer is None:
+                leftovers.append(f)
+                continue
+            answers.remove(answer)
+            m.matched += 1
+            if answer[1]:
+                m.notes["overtaken by a stale message that claimed the step (on record)"] += 1
+            else:
+                used_recs += 1
         for f in leftovers:
             m = line(f)
-            overtaken = [ts for ts in stale if ts >= f.t - TOLERANCE_S]
-            if f.kind in ("drop", "delay_unreleased") and overtaken:
-                # A stale message claimed the step before anyone had to send it again.
-                stale.remove(overtaken[0])
-                m.matched += 1
-                m.notes["overtaken by a stale message that claimed the step (on record)"] += 1
-            elif went_down_with_redis(f):
+            if went_down_with_redis(f):
                 m.matched += 1
                 m.notes["still in Redis when it was killed"] += 1
             else:
