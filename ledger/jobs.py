@@ -18,7 +18,7 @@ from ledger.callback_jobs import (
     renew_callback_lease,
 )
 from ledger.claims import Claim, ClaimRefused, claim_step, release_claim, renew_lease
-from ledger.model import CALLBACK_JOB, STEP_JOB, CompletionResult, ReadyStep
+from ledger.model import CALLBACK_JOB, STEP_JOB, CompletionResult
 from ledger.transitions import complete_step, mark_dispatched
 
 JOBS = (STEP_JOB, CALLBACK_JOB)
@@ -71,15 +71,12 @@ def complete_job(
     hand_off_queues: Collection[str] = (),
     hand_off_owner: str | None = None,
     hand_off_lease_seconds: float = 30.0,
-    hand_off_limit: int = 1,
 ) -> CompletionResult:
-    """`hand_off_queues`, `hand_off_limit`: see `complete_step` (a callback releases
-    nothing).
+    """`hand_off_queues`: see `complete_step` (a callback releases nothing).
 
     With `hand_off_owner`, the step handed off is always claimed for that owner in this
     transaction and returned in `hand_off_claim` (by `complete_step` itself where it
-    can, here otherwise), and so is each of its `extra_hand_offs`, returned in
-    `extra_hand_off_claims`. One that cannot be claimed after all is marked dispatched
+    can, here otherwise). If it cannot be claimed after all, it is marked dispatched
     and added to `ready` instead, so it is published like any other.
     """
     _check(job)
@@ -99,39 +96,24 @@ def complete_job(
         hand_off_queues=hand_off_queues,
         hand_off_owner=hand_off_owner,
         hand_off_lease_seconds=hand_off_lease_seconds,
-        hand_off_limit=hand_off_limit,
     )
-    first = result.hand_off
-    if hand_off_owner is None or first is None:
+    ready = result.hand_off
+    if ready is None or result.hand_off_claim is not None or hand_off_owner is None:
         return result
-    if result.hand_off_claim is not None and not result.extra_hand_offs:
-        return result  # the usual case: claimed by the outcome's own statement
-
-    def claim(ready: ReadyStep) -> Claim | None:
-        claimed = claim_step(
-            conn,
-            ready.workflow_id,
-            ready.step,
-            owner=hand_off_owner,
-            lease_seconds=hand_off_lease_seconds,
-            now=now,
-            workflow_locked=True,
-        )
-        return claimed if isinstance(claimed, Claim) else None
-
-    first_claim = result.hand_off_claim or claim(first)
-    extras = [(extra, claim(extra)) for extra in result.extra_hand_offs]
-    claimed = [(r, c) for r, c in extras if c is not None]
-    # Not claimable after all: dispatched as usual.
-    unclaimed = [r for r, c in [(first, first_claim), *extras] if c is None]
-    return replace(
-        result,
-        hand_off=first if first_claim is not None else None,
-        hand_off_claim=first_claim,
-        extra_hand_offs=tuple(r for r, _ in claimed),
-        extra_hand_off_claims=tuple(c for _, c in claimed),
-        ready=result.ready + mark_dispatched(conn, unclaimed, now),
+    claimed = claim_step(
+        conn,
+        ready.workflow_id,
+        ready.step,
+        owner=hand_off_owner,
+        lease_seconds=hand_off_lease_seconds,
+        now=now,
+        workflow_locked=True,
     )
+    if isinstance(claimed, Claim):
+        return replace(result, hand_off_claim=claimed)
+    # Not claimable after all: dispatch it as usual.
+    marked = mark_dispatched(conn, [ready], now)
+    return replace(result, hand_off=None, ready=result.ready + marked)
 
 
 def renew_job_lease(

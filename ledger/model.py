@@ -221,11 +221,6 @@ class CompletionResult:
     hand_off: ReadyStep | None = None
     #: With a `hand_off_owner` too: that step, already claimed by this transaction.
     hand_off_claim: Claim | None = None
-    #: With a `hand_off_limit` above 1: further released steps left undispatched (and
-    #: out of `ready`) for the caller to claim in this same transaction, after `hand_off`.
-    extra_hand_offs: tuple[ReadyStep, ...] = ()
-    #: Those the caller (`ledger.jobs.complete_job`) claimed, in the same order.
-    extra_hand_off_claims: tuple[Claim, ...] = ()
 
     @property
     def applied(self) -> bool:

@@ -17,7 +17,6 @@ general path: `plan_releases` answers None and nothing was written.
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -92,7 +91,7 @@ def write_planned_outcome(
     with_result: bool,
     values: dict[str, Any],
     releases: list[Child],
-    undispatched: Collection[str],
+    undispatched: str | None,
     take: Take | None,
     dispatch: bool,
     changes: Changes,
@@ -101,8 +100,8 @@ def write_planned_outcome(
     counters: one statement. Returns the counters' update and the claim of `take`.
 
     `changes` must already hold the step's own move; the releases are added here. With
-    `dispatch`, every released step but those `undispatched` (the worker's hand-offs) is
-    marked dispatched by the same statement. `take` (that same step, if given) goes straight
+    `dispatch`, every released step but `undispatched` (the worker's hand-off) is marked
+    dispatched by the same statement. `take` (that same step, if given) goes straight
     from pending to executing, as a release then a claim would leave it.
     """
     if set(values) != set(_TERMINAL_VALUES):
@@ -124,7 +123,7 @@ def write_planned_outcome(
     params.update(
         b_now=now,
         b_release=released,
-        b_dispatch=[n for n in released if n not in undispatched] if dispatch else [],
+        b_dispatch=[n for n in released if n != undispatched] if dispatch else [],
     )
     expires = None
     if take is not None:

@@ -78,7 +78,6 @@ def complete_step(
     hand_off_queues: Collection[str] = (),
     hand_off_owner: str | None = None,
     hand_off_lease_seconds: float = 30.0,
-    hand_off_limit: int = 1,
 ) -> CompletionResult:
     """Record an outcome for `step` and apply what follows from it.
 
@@ -98,9 +97,6 @@ def complete_step(
     lease of `hand_off_lease_seconds`, and return the claim in `hand_off_claim` (on
     PostgreSQL when the outcome takes one statement; otherwise `hand_off_claim` is None
     and the caller claims `hand_off`, as `ledger.jobs.complete_job` does).
-    `hand_off_limit` above 1: up to that many released steps of those queues, most
-    urgent first, are left undispatched; the first is `hand_off`, the others are
-    returned in `extra_hand_offs` for the caller to claim in this transaction.
     """
     parsed = parse_status(status)
     problems = json_problems(payload, "payload")
@@ -108,8 +104,6 @@ def complete_step(
         raise InvalidCompletionError("payload is not plain JSON: " + "; ".join(problems))
     if attempt is not None and (not isinstance(attempt, int) or attempt < 1):
         raise InvalidCompletionError(f"attempt must be a positive integer, got {attempt!r}")
-    if hand_off_limit < 1:
-        raise ValueError(f"hand_off_limit must be at least 1, got {hand_off_limit}")
     now = now or datetime.now(UTC)
 
     wf = lock_workflow(conn, workflow_id)
@@ -167,7 +161,6 @@ def complete_step(
     ready: tuple[ReadyStep, ...] = ()
     hand_off: ReadyStep | None = None
     hand_off_claim: Claim | None = None
-    hand_offs: list[ReadyStep] = []
 
     releases = None
     if children is not None and new_state in TERMINAL_STATES:
@@ -176,8 +169,7 @@ def complete_step(
         # PostgreSQL, and nothing beyond plain releases follows: one statement.
         if dispatch:
             candidates = [ReadyStep(workflow_id, k.name, k.queue, k.priority) for k in releases]
-            hand_offs = _pick_hand_offs(candidates, hand_off_queues, hand_off_limit)
-            hand_off = hand_offs[0] if hand_offs else None
+            hand_off = _pick_hand_off(candidates, hand_off_queues)
         take = None
         if hand_off is not None and hand_off_owner is not None:
             take = Take(hand_off.step, hand_off_owner, hand_off_lease_seconds)
@@ -190,14 +182,14 @@ def complete_step(
             with_result=with_result,
             values=values,
             releases=releases,
-            undispatched={h.step for h in hand_offs},
+            undispatched=hand_off.step if hand_off is not None else None,
             take=take,
             dispatch=dispatch,
             changes=changes,
         )
         outcome = update_.outcome
         if dispatch:
-            ready = tuple(r for r in changes.ready if r not in hand_offs)
+            ready = tuple(r for r in changes.ready if r != hand_off)
         elif changes.ready:
             notify_dispatcher(conn)  # released children for the dispatcher to publish
     else:
@@ -213,9 +205,8 @@ def complete_step(
         if new_state in TERMINAL_STATES:
             reconcile_descendants(conn, workflow_id, [step], changes, now)
         if dispatch and changes.ready:
-            hand_offs = _pick_hand_offs(changes.ready, hand_off_queues, hand_off_limit)
-            hand_off = hand_offs[0] if hand_offs else None
-            ready = mark_dispatched(conn, [r for r in changes.ready if r not in hand_offs], now)
+            hand_off = _pick_hand_off(changes.ready, hand_off_queues)
+            ready = mark_dispatched(conn, [r for r in changes.ready if r is not hand_off], now)
         elif changes.ready:
             notify_dispatcher(conn)  # released children for the dispatcher to publish
         outcome = apply_changes(conn, wf, changes, now)
@@ -232,17 +223,13 @@ def complete_step(
         ready=ready,
         hand_off=hand_off,
         hand_off_claim=hand_off_claim,
-        extra_hand_offs=tuple(hand_offs[1:]),
     )
 
 
-def _pick_hand_offs(
-    released: list[ReadyStep], queues: Collection[str], limit: int
-) -> list[ReadyStep]:
-    """Up to `limit` released steps of `queues`, the most urgent first, the earliest
-    released first on a tie."""
+def _pick_hand_off(released: list[ReadyStep], queues: Collection[str]) -> ReadyStep | None:
+    """The highest-priority released step of `queues`, the earliest released on a tie."""
     mine = [r for r in released if r.job == STEP_JOB and r.queue in queues]
-    return sorted(mine, key=lambda r: -r.priority)[:limit]
+    return min(mine, key=lambda r: -r.priority) if mine else None
 
 
 def _record_outcome(

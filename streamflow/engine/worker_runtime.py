@@ -100,10 +100,6 @@ class _Running:
 #: any) and the released steps to publish.
 _Recorded = tuple[CompletionResult, Claim | None, list[ReadyStep]]
 
-#: What a step thread takes: a ready entry to claim, a step already claimed for it (a
-#: further child an outcome handed off), or None to end.
-_Work = Entry | _Running | None
-
 
 @dataclass
 class WorkerStats:
@@ -114,10 +110,8 @@ class WorkerStats:
     cancelled: int = 0
     duplicates: int = 0
     released_on_drain: int = 0
-    #: Steps claimed by their parent's outcome (no ready message): run next on the
-    #: parent's thread, or on an idle one (`extra_handed_off` of them).
+    #: Steps claimed by their parent's outcome and run on the same thread (no ready message).
     handed_off: int = 0
-    extra_handed_off: int = 0
 
 
 class WorkerRuntime:
@@ -152,8 +146,8 @@ class WorkerRuntime:
         self._drained = threading.Event()
         #: Set once the worker stops taking work (SIGTERM): no more hand-offs either.
         self._stopping = threading.Event()
-        #: Work for the step threads; None tells one of them to end.
-        self._entries: queue.SimpleQueue[_Work] = queue.SimpleQueue()
+        #: Ready entries for the step threads; None tells one of them to end.
+        self._entries: queue.SimpleQueue[Entry | None] = queue.SimpleQueue()
 
     # -- the read loop -------------------------------------------------------------------
 
@@ -171,31 +165,20 @@ class WorkerRuntime:
         self.outbox.start()
         self._start_step_threads()
         next_takeover = 0.0
-        #: Whether the last read filled every slot it had: the streams may hold more.
-        backlog = True
         while not stop.is_set():
             if not self._slots.acquire(timeout=cfg.block_ms / 1000):
                 continue
-            free = 1
+            free = 1 + self._drain_free_slots()
             try:
                 entries: list[Entry] = []
                 now = utcnow().timestamp()
                 if now >= next_takeover:
-                    free += self._drain_free_slots()
                     entries = self._take_over_idle(free)
                     next_takeover = now + cfg.claim_idle_ms / 2000
-                if not entries and backlog:
-                    # Every free slot, and no waiting: the streams had more than we took.
-                    free += self._drain_free_slots()
-                    entries = self._read(free, block_ms=0)
                 if not entries:
-                    # Nothing waiting: wait for the next entry holding one slot, not all
-                    # of them, so that an outcome may hand the others released children
-                    # meanwhile (see `_record`).
-                    self._release_slots(free - 1)
-                    free = 1
-                    entries = self._read(1, block_ms=cfg.block_ms)
-                backlog = len(entries) == free
+                    entries = self.transport.read_group(
+                        self.keys.workers_group, cfg.name, self.streams, free, cfg.block_ms
+                    )
             except Exception as exc:
                 self._release_slots(free)
                 if not is_transient(exc):
@@ -223,11 +206,6 @@ class WorkerRuntime:
             **vars(self.stats),
             ledger_operations=grouped.operations,
             ledger_commits=grouped.commits,
-        )
-
-    def _read(self, count: int, *, block_ms: int) -> list[Entry]:
-        return self.transport.read_group(
-            self.keys.workers_group, self.config.name, self.streams, count, block_ms
         )
 
     def _drain_free_slots(self) -> int:
@@ -290,42 +268,30 @@ class WorkerRuntime:
             ).start()
 
     def _step_thread(self) -> None:
-        while (work := self._entries.get()) is not None:
-            self._handle(work)
+        while (entry := self._entries.get()) is not None:
+            self._handle(entry)
 
-    def _start_handler(self, work: Entry | _Running) -> None:
-        """Give `work` to a step thread; the caller holds a slot for it."""
+    def _start_handler(self, entry: Entry) -> None:
         with self._lock:
             self._handlers += 1
-        self._entries.put(work)
+        self._entries.put(entry)
 
     # -- one ready message ---------------------------------------------------------------
 
-    def _handle(self, work: Entry | _Running) -> None:
+    def _handle(self, entry: Entry) -> None:
         try:
-            if isinstance(work, _Running):
-                self.stats.handed_off += 1
-                self.stats.extra_handed_off += 1
-                self._started(work.claim, ready_at_ms=None)
-                self._run(work, None)
-            else:
-                self._handle_entry(work)
+            self._handle_entry(entry)
         except BaseException:
-            # Anything unexpected leaves a ready entry pending (another worker takes it
-            # over after claim_idle_ms) and a claim leased, and the ledger keeps the step
-            # safe meanwhile. Even a step's SystemExit: the step thread must live on to
-            # serve its slot.
-            where = (
-                {"workflow_id": work.claim.workflow_id, "step": work.claim.step}
-                if isinstance(work, _Running)
-                else {"stream": work.stream, "entry": work.id}
-            )
+            # Anything unexpected leaves the entry pending: another worker takes it over
+            # after claim_idle_ms, and the ledger keeps the step safe meanwhile. Even a
+            # step's SystemExit: the step thread must live on to serve its slot.
             log_event(
                 "worker.handler_crashed",
                 logging.ERROR,
                 worker=self.config.name,
+                stream=entry.stream,
+                entry=entry.id,
                 exc_info=True,
-                **where,
             )
         finally:
             self._slots.release()
@@ -386,7 +352,7 @@ class WorkerRuntime:
             )
             return
         self._started(claim, ready_at_ms=msg.at_ms)
-        self._run(self._register(claim), entry)
+        self._run(claim, entry)
 
     def _started(self, claim: Claim, *, ready_at_ms: int | None) -> None:
         self.stats.claimed += 1
@@ -407,17 +373,15 @@ class WorkerRuntime:
         claimed and records a duplicate."""
         self.outbox.put(Ack(entry.stream, self.keys.workers_group, entry.id))
 
-    def _run(self, running: _Running, entry: Entry | None) -> None:
+    def _run(self, claim: Claim, entry: Entry) -> None:
         """Run a claimed step, then each child whose outcome handed it straight to this
         thread (see `_record`), until one hands nothing on."""
-        next_claim: Claim | None = self._run_claimed(running, entry)
+        next_claim: Claim | None = self._run_claimed(claim, entry)
         while next_claim is not None:
             self.stats.handed_off += 1
-            next_claim = self._run_claimed(self._register(next_claim), None)
+            next_claim = self._run_claimed(next_claim, None)
 
-    def _register(self, claim: Claim) -> _Running:
-        """Hold `claim` as this worker's: from here on the heartbeat renews its lease, and
-        a drain that gives up releases it."""
+    def _run_claimed(self, claim: Claim, entry: Entry | None) -> Claim | None:
         ctx = StepContext(
             workflow_id=claim.workflow_id,
             workflow_name=claim.workflow_name,
@@ -431,13 +395,9 @@ class WorkerRuntime:
             counters=claim.counters,
         )
         running = _Running(claim, ctx)
-        with self._lock:
-            self._running[(claim.workflow_id, claim.step, claim.job)] = running
-        return running
-
-    def _run_claimed(self, running: _Running, entry: Entry | None) -> Claim | None:
-        claim, ctx = running.claim, running.context
         key = (claim.workflow_id, claim.step, claim.job)
+        with self._lock:
+            self._running[key] = running
         # Registered first, so the heartbeat renews the lease even if the ack is slow.
         if entry is not None:
             self._ack(entry)
@@ -506,33 +466,8 @@ class WorkerRuntime:
         — no ready message, no second commit, no Redis round trip between parent and
         child. The claim is an ordinary one (lease, attempt, heartbeat), so everything
         that rescues a claimed step rescues this one. Returns that claim, or None.
-
-        When the worker has idle step threads too, the outcome claims as many more of
-        its released children for them (`_idle_slots`); each runs on a thread of its own
-        at once. The rest go through their ready streams.
         """
         queues = self.config.queues if self._may_hand_off(claim) else ()
-        spare = self._idle_slots() if queues else 0
-        extras: tuple[Claim, ...] = ()
-        try:
-            child, extras = self._record_with(claim, status, payload, running, queues, spare)
-        finally:
-            # The ledger claimed at most `spare` further children: each keeps its slot.
-            self._release_slots(spare - len(extras))
-        for extra in extras:
-            self._start_handler(self._register(extra))
-        return child
-
-    def _record_with(
-        self,
-        claim: Claim,
-        status: str,
-        payload: Any,
-        running: _Running,
-        queues: tuple[str, ...],
-        spare: int,
-    ) -> tuple[Claim | None, tuple[Claim, ...]]:
-        """`_record`'s work: the child for this thread and the further ones claimed."""
 
         def record(conn: Any, status: str, payload: Any) -> _Recorded:
             result = complete_job(
@@ -549,7 +484,6 @@ class WorkerRuntime:
                 hand_off_queues=queues,
                 hand_off_owner=self.config.name,
                 hand_off_lease_seconds=self.config.lease_seconds,
-                hand_off_limit=1 + spare,
             )
             return result, result.hand_off_claim, list(result.ready)
 
@@ -589,7 +523,7 @@ class WorkerRuntime:
         )
         if not result.applied or claim.job != STEP_JOB:
             # A callback has no children and no completion event.
-            return None, ()
+            return None
         if ready and not self.publisher.publish_ready(ready_messages(ready)):
             # Hand them back to the dispatcher rather than wait for the stale deadline.
             in_transaction(self.engine, lambda conn: unmark_dispatched(conn, ready))
@@ -604,20 +538,7 @@ class WorkerRuntime:
         )
         if child is not None:
             self._started(child, ready_at_ms=None)
-        return child, result.extra_hand_off_claims
-
-    def _idle_slots(self) -> int:
-        """Set aside a slot for each further child this worker could start performing
-        now: as many as no step holds a performing slot or waits for one (the parent,
-        still held, stands for the child handed to its own thread), and no more than
-        are free. Claimed beyond that, a child would only wait here while another
-        worker may be idle."""
-        with self._lock:
-            idle = self.config.concurrency - len(self._running)
-        taken = 0
-        while taken < idle and self._slots.acquire(blocking=False):
-            taken += 1
-        return taken
+        return child
 
     def _may_hand_off(self, claim: Claim) -> bool:
         # Not while stopping: a drain must not pick up new work.

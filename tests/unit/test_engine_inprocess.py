@@ -607,8 +607,6 @@ def test_a_chain_is_handed_from_parent_to_child_without_ready_messages(
 def test_hand_off_takes_one_child_of_a_served_queue_and_publishes_the_rest(
     sqlite_engine: Engine, transport: RedisTransport, keys: StreamKeys, perform_log: Path
 ) -> None:
-    """With one step performing at a time, a worker takes only the child its own thread
-    runs next (further children need idle threads: see below)."""
     wf = (
         Workflow.new("fan", {"log": str(perform_log)})
         .add("root", app.Echo.new())
@@ -618,7 +616,7 @@ def test_hand_off_takes_one_child_of_a_served_queue_and_publishes_the_rest(
     )
     wid = Workflow.insert(wf, sqlite_engine).id
     Maintenance(sqlite_engine, transport, keys).tick()
-    worker = worker_for(sqlite_engine, transport, keys, concurrency=1)
+    worker = worker_for(sqlite_engine, transport, keys)
     with running(worker.run):
         until(
             lambda: (
@@ -635,95 +633,6 @@ def test_hand_off_takes_one_child_of_a_served_queue_and_publishes_the_rest(
         "elsewhere"
     ]
     assert step_row(sqlite_engine, wid, "elsewhere").state == "available"
-
-
-def _fan_out(log: Path, children: int) -> Workflow:
-    """A gated root, then `children` children of the default queue and one elsewhere."""
-    wf = Workflow.new("fan", {"log": str(log)}).add("root", app.Gated.new())
-    for n in range(children):
-        wf = wf.add(f"c{n}", app.Echo.new({"n": n}), deps=["root"])
-    return wf.add("elsewhere", app.Echo.new(queue="other"), deps=["root"])
-
-
-def _root_recorded_with_the_read_loop_waiting(
-    worker: WorkerRuntime, transport: RedisTransport, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Open the root's gate once the read loop waits for its next entry holding a single
-    slot (after the root was read it takes every free slot for a moment, to read what
-    else was there), so what the root's outcome finds idle does not depend on timing."""
-    waiting = threading.Event()
-    read_group = transport.read_group
-
-    def watched(group: str, consumer: str, streams: Any, count: int, block_ms: int) -> Any:
-        if block_ms > 0 and app.Gated.performing:
-            waiting.set()
-        return read_group(group, consumer, streams, count, block_ms)
-
-    monkeypatch.setattr(transport, "read_group", watched)
-    until(lambda: app.Gated.performing == 1, "the root to perform")
-    assert waiting.wait(10), "the read loop never went back to waiting"
-    app.Gated.GATE.set()
-
-
-def test_idle_threads_take_further_children_in_the_parents_outcome(
-    sqlite_engine: Engine,
-    transport: RedisTransport,
-    keys: StreamKeys,
-    perform_log: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A worker performing nothing else takes as many released children as it can run at
-    once in the root's outcome transaction: no ready message for any of them, each run
-    once, on threads of their own."""
-    app.Gated.reset()
-    wid = Workflow.insert(_fan_out(perform_log, 3), sqlite_engine).id
-    Maintenance(sqlite_engine, transport, keys).tick()
-    worker = worker_for(sqlite_engine, transport, keys, concurrency=4)
-    with running(worker.run):
-        _root_recorded_with_the_read_loop_waiting(worker, transport, monkeypatch)
-        until(
-            lambda: all(
-                step_row(sqlite_engine, wid, f"c{n}").state == "completed" for n in range(3)
-            ),
-            "the three children to run",
-        )
-    assert [decode_ready(f).step for _, f in entries(transport, keys.ready("default"))] == ["root"]
-    assert (worker.stats.handed_off, worker.stats.extra_handed_off) == (3, 2)
-    assert runs(perform_log) == Counter({(wid, s, 1): 1 for s in ("root", "c0", "c1", "c2")})
-    assert evidence(sqlite_engine, "duplicate") == []
-    assert [decode_ready(f).step for _, f in entries(transport, keys.ready("other"))] == [
-        "elsewhere"
-    ]
-
-
-def test_further_children_are_taken_only_for_idle_threads(
-    sqlite_engine: Engine,
-    transport: RedisTransport,
-    keys: StreamKeys,
-    perform_log: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Concurrency 3, six children: the root's thread runs one, two idle threads take two
-    more, and the other three go through the ready stream (claimed beyond what the
-    worker can perform, they would only wait here while another worker may be idle)."""
-    app.Gated.reset()
-    wid = Workflow.insert(_fan_out(perform_log, 6), sqlite_engine).id
-    Maintenance(sqlite_engine, transport, keys).tick()
-    worker = worker_for(sqlite_engine, transport, keys, concurrency=3)
-    with running(worker.run):
-        _root_recorded_with_the_read_loop_waiting(worker, transport, monkeypatch)
-        until(
-            lambda: all(
-                step_row(sqlite_engine, wid, f"c{n}").state == "completed" for n in range(6)
-            ),
-            "the six children to run",
-        )
-    published = [decode_ready(f).step for _, f in entries(transport, keys.ready("default"))]
-    assert published[0] == "root" and len(published) == 4
-    assert (worker.stats.handed_off, worker.stats.extra_handed_off) == (3, 2)
-    assert runs(perform_log) == Counter(
-        {(wid, s, 1): 1 for s in ("root", *(f"c{n}" for n in range(6)))}
-    )
 
 
 def test_no_hand_off_when_it_is_switched_off(
