@@ -504,11 +504,20 @@ def test_a_claimed_step_still_waiting_for_a_slot_at_the_drain_is_released_not_ru
     with running(worker.run):
         until(lambda: states(sqlite_engine, ids)["executing"] == 3, "three steps claimed")
         until(lambda: app.Gated.performing == 1, "one step performing")
-    # The drain gave up: every claim is released (the running step was asked to stop).
-    assert worker.stats.released_on_drain == 3
+    # The drain gave up: it asked the performing step to stop and released every claim.
+    # The two steps waiting for the slot never ran. The performing one returns as soon
+    # as it is asked to stop, so its outcome races its release: whichever lands first
+    # wins, and the other changes nothing.
     until(lambda: not worker._in_flight(), "every step thread done")
-    assert len(app.perform_log(perform_log)) == 1, "a released step ran"
-    assert states(sqlite_engine, ids) == Counter({"available": 3})
+    [performed] = app.perform_log(perform_log)
+    waiting = [wid for wid in ids if wid != performed["wf"]]
+    assert states(sqlite_engine, waiting) == Counter({"available": 2})
+    assert states(sqlite_engine, [performed["wf"]]) in (
+        Counter({"available": 1}),
+        Counter({"completed": 1}),
+    )
+    assert worker.stats.released_on_drain >= 2
+    assert worker.stats.released_on_drain + worker.stats.completed == 3
 
 
 def test_a_step_that_exits_does_not_take_its_thread_with_it(
